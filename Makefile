@@ -1,0 +1,42 @@
+# Two commands: `make run` (serve the demo config) and `make test` (the whole suite).
+# Each creates or updates .venv on its own. torch is pinned in the same pip command
+# as everything that depends on it (constraints.txt): unpinned, pip pulls CUDA builds.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= var/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo run test lint bench doctor clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edison make-demo --out $(DEMO)
+
+run: demo
+	$(BIN)/edison serve --config config/demo.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: demo
+	$(BIN)/python bench/memory_endpoint.py
+
+doctor: $(STAMP)
+	$(BIN)/edison doctor
+
+clean:
+	rm -rf $(VENV) var outputs .pytest_cache

@@ -1,0 +1,100 @@
+"""The `edison` command: serve, doctor, make-demo, config-reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from services.errors import ConfigError
+
+
+def _load(config: str | None, check_paths: bool = True):
+    from services.settings import load_settings
+
+    try:
+        return load_settings(config, check_paths=check_paths)
+    except ConfigError as exc:
+        print(f"edison: invalid configuration: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.logging_setup import configure_logging
+    from app.main import create_app
+
+    settings = _load(args.config)
+    if args.host:
+        settings.server.host = args.host
+    if args.port:
+        settings.server.port = args.port
+    configure_logging(settings.server.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from services.doctor import diagnose
+
+    settings = _load(args.config, check_paths=False) if args.config else None
+    report = diagnose(settings)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from services.doctor import format_report
+
+        print(format_report(report))
+    return 0
+
+
+def cmd_make_demo(args: argparse.Namespace) -> int:
+    from services.demo_assets import make_demo_assets
+
+    made = make_demo_assets(Path(args.out), force=args.force)
+    for p in made:
+        print(f"made {p}")
+    if not made:
+        print(f"demo assets already present in {args.out}")
+    return 0
+
+
+def cmd_config_reference(_: argparse.Namespace) -> int:
+    from services.config_reference import config_reference
+
+    print(config_reference())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edison", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the HTTP server")
+    p.add_argument("--config", help="config file (default: $EDISON_CONFIG or config/edison.yaml)")
+    p.add_argument("--host", help="override server.host")
+    p.add_argument("--port", type=int, help="override server.port")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("doctor", help="print the memory snapshot and what each probe step said")
+    p.add_argument("--config", help="config file whose memory settings to use")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("make-demo", help="generate the tiny demo models and pipelines")
+    p.add_argument("--out", default="var/demo", help="folder to write them to")
+    p.add_argument("--force", action="store_true", help="write them again even if present")
+    p.set_defaults(func=cmd_make_demo)
+    p = sub.add_parser("config-reference", help="print the config reference as Markdown")
+    p.set_defaults(func=cmd_config_reference)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""One error body for the whole API, mapped from typed service errors.
+
+Every error a client sees has the shape ``{"error": {"code", "message", ...details}}``.
+Service errors are mapped here by class, never by message text.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services import errors as e
+
+log = logging.getLogger("edison.api")
+
+STATUS: dict[type[e.EdisonError], int] = {
+    e.ConfigError: 500,
+    e.NotReady: 503,
+    e.InsufficientMemory: 503,
+    e.QueueFull: 503,
+    e.ModelUnavailable: 503,
+    e.UnknownTier: 404,
+    e.NotFound: 404,
+    e.ModelLoadFailed: 503,
+    e.ContextLengthExceeded: 400,
+    e.UpstreamError: 502,
+    e.Cancelled: 409,
+}
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_for(exc: e.EdisonError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **details}}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **details), status_code=status, headers=headers)
+
+
+def _retry_after(exc: e.EdisonError) -> dict[str, str] | None:
+    seconds = getattr(exc, "retry_after_s", None)
+    if seconds is None:
+        return None
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+async def _edison_error(_: Request, exc: e.EdisonError) -> JSONResponse:
+    status = status_for(exc)
+    if status >= 500:
+        log.warning("%s: %s", exc.code, exc.message)
+    return error_response(status, exc.code, exc.message, _retry_after(exc), **exc.details)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = []
+    for err in exc.errors():
+        msg = str(err.get("msg", "invalid"))
+        if msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        fields.append({"field": _field_name(tuple(err.get("loc", ()))), "message": msg})
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    return error_response(422, "invalid_request", f"Invalid request: {summary}", fields=fields)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error: %s", exc)
+    return error_response(500, "internal_error", f"Internal error: {type(exc).__name__}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(e.EdisonError, _edison_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or wrong API key."},
+    422: {"description": "Invalid request; `error.fields` names each bad field."},
+    503: {"description": "Short of memory or queue space, or not ready; see `Retry-After`."},
+}

@@ -1,0 +1,99 @@
+"""The FastAPI application factory and its lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.errors import ERROR_RESPONSES, install_error_handlers
+from app.logging_setup import configure_logging
+from app.schemas import ErrorBody
+from app.security import require_api_key
+from routers import health, system
+from services.memory_ledger import MemoryLedger
+from services.memory_probe import MemoryProbe
+from services.settings import Settings, load_settings
+
+log = logging.getLogger("edison.app")
+
+DESCRIPTION = """\
+Edison lets one GPU serve LLM chat and image, video and music generation without
+running out of VRAM. Every load and every heavy task goes through one memory ledger;
+`GET /system/memory` shows the very figures the decisions are taken on.
+
+Errors share one body: `{"error": {"code", "message", ...details}}`. A 503 carries
+`Retry-After`.
+"""
+
+
+async def _startup_work(app: FastAPI) -> None:
+    """Work that /ready waits for; /health answers meanwhile."""
+    state = app.state
+    try:
+        snap = await to_thread.run_sync(state.probe.snapshot)
+        state.startup_detail = f"probe: {snap.vram_source}, {len(snap.gpus)} GPU(s)"
+        log.info(
+            "Memory probe: source=%s gpus=%d ram_available=%.0fMB",
+            snap.vram_source,
+            len(snap.gpus),
+            snap.ram_available_mb,
+        )
+    except Exception as exc:  # noqa: BLE001 - a failed start-up step must not kill the app
+        state.startup_detail = f"start-up failed: {exc}"
+        log.exception("start-up work failed")
+    finally:
+        state.ready.set()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    state = app.state
+    state.probe = MemoryProbe(
+        timeout_s=settings.memory.probe_timeout_s, vram_budget_mb=settings.memory.vram_budget_mb
+    )
+    state.ledger = MemoryLedger(
+        reserve_vram_mb=settings.memory.reserve_vram_mb,
+        reserve_ram_mb=settings.memory.reserve_ram_mb,
+    )
+    state.ready = asyncio.Event()
+    state.startup_detail = "starting"
+    settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
+    startup = asyncio.create_task(_startup_work(app), name="edison-startup")
+    try:
+        yield
+    finally:
+        startup.cancel()
+        state.probe.shutdown()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build a fresh app; with no settings, read them from EDISON_CONFIG or config/edison.yaml."""
+    settings = settings or load_settings()
+    configure_logging(settings.server.log_level)
+    app = FastAPI(
+        title="Edison",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses={code: {**r, "model": ErrorBody} for code, r in ERROR_RESPONSES.items()},
+    )
+    app.state.settings = settings
+    if settings.server.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.server.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    install_error_handlers(app)
+    protected = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(system.router, dependencies=protected)
+    return app

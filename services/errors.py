@@ -1,0 +1,88 @@
+"""Typed errors raised by Edison's services.
+
+Services never know about HTTP: each error carries a stable ``code`` and its
+details; ``app/errors.py`` maps the classes to status codes and one error body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EdisonError(Exception):
+    """Base of every error Edison reports to a client."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ConfigError(EdisonError):
+    code = "invalid_config"
+
+
+class NotReady(EdisonError):
+    code = "not_ready"
+
+
+class InsufficientMemory(EdisonError):
+    """Not enough VRAM (or RAM on a CPU-only host) for the task, even after unloading."""
+
+    code = "insufficient_vram"
+
+    def __init__(self, message: str, *, retry_after_s: float = 10, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+        if details.get("device") == "cpu":
+            self.code = "insufficient_ram"
+
+
+class QueueFull(EdisonError):
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: float = 5, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(QueueFull):
+    code = "queue_timeout"
+
+
+class UnknownTier(EdisonError):
+    code = "unknown_tier"
+
+
+class ModelLoadFailed(EdisonError):
+    code = "model_load_failed"
+
+
+class ModelUnavailable(EdisonError):
+    """A model or pipeline that cannot serve now (missing, broken, or its worker died)."""
+
+    code = "model_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 5, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class ContextLengthExceeded(EdisonError):
+    code = "context_length_exceeded"
+
+
+class UpstreamError(EdisonError):
+    """A worker answered with an error or broke the connection mid-request."""
+
+    code = "upstream_error"
+
+
+class NotFound(EdisonError):
+    code = "not_found"
+
+
+class Cancelled(EdisonError):
+    code = "cancelled"

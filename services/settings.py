@@ -1,0 +1,328 @@
+"""Edison's configuration: one typed, bounded, described settings tree.
+
+Read from a YAML file (``config/edison.yaml`` by default, ``EDISON_CONFIG`` or
+``--config`` for another), then overridden by environment variables of the form
+``EDISON__SECTION__KEY`` (``EDISON__MEMORY__RESERVE_VRAM_MB=2048``).
+
+Sizes are in MB, meaning MiB (1024 x 1024 bytes) throughout Edison.
+Relative paths in a config file are resolved against that file's folder.
+The field descriptions below are the config reference: the README's table is
+generated from them (``edison config-reference``) and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from services.errors import ConfigError
+
+TIER_NAMES: tuple[str, ...] = ("fast", "medium", "deep", "reasoning", "vision")
+HEAVY_TIERS: frozenset[str] = frozenset({"medium", "deep", "reasoning", "vision"})
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "edison.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the HTTP server.")
+    api_key: SecretStr | None = Field(
+        None,
+        min_length=8,
+        description="When set, every endpoint but /health, /ready and the docs needs "
+        "`Authorization: Bearer <key>`.",
+    )
+    outputs_dir: Path = Field(
+        Path("outputs"), description="Folder where generated images, videos and audio are written."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty disables CORS."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Lowest level of log line written."
+    )
+
+
+class MemorySettings(_Section):
+    device: int = Field(
+        0, ge=0, le=63, description="Index of the GPU that models and pipelines run on."
+    )
+    reserve_vram_mb: int = Field(
+        1024,
+        ge=0,
+        le=65536,
+        description="VRAM headroom on the device that is never handed out (CUDA context, "
+        "fragmentation, other programs).",
+    )
+    reserve_ram_mb: int = Field(
+        1024, ge=0, le=1048576, description="RAM headroom never handed out when running on the CPU."
+    )
+    vram_budget_mb: int | None = Field(
+        None,
+        ge=256,
+        le=4194304,
+        description="Optional cap on the VRAM of each device: Edison treats the card as if it "
+        "had this much memory (for operators sharing a card).",
+    )
+    probe_timeout_s: float = Field(
+        2.0, gt=0, le=30, description="Time limit of each step of the VRAM probe ladder."
+    )
+    recovery_wait_s: float = Field(
+        5.0,
+        ge=0,
+        le=120,
+        description="After an unload, how long to wait for the driver to show the memory back.",
+    )
+    recovery_poll_s: float = Field(
+        0.25, gt=0, le=5, description="Polling interval while waiting for memory to come back."
+    )
+
+
+class TierSettings(_Section):
+    path: Path = Field(description="GGUF model file of this tier.")
+    n_gpu_layers: int = Field(
+        -1, ge=-1, le=1024, description="Layers offloaded to the GPU (-1: all); tried first."
+    )
+    n_ctx: int = Field(4096, ge=64, le=1048576, description="Context size in tokens; tried first.")
+    preload: bool = Field(True, description="Load this tier at start-up.")
+    keep_alive_s: float | None = Field(
+        None,
+        ge=0,
+        description="Unload after this many idle seconds (default: models.heavy_keep_alive_s "
+        "for heavy tiers, never for fast).",
+    )
+    chat_format: str | None = Field(
+        None, description="llama.cpp chat format; default: the template in the GGUF file."
+    )
+
+
+class VisionTierSettings(TierSettings):
+    preload: bool = Field(False, description="Load this tier at start-up (vision is on demand).")
+    clip_path: Path | None = Field(
+        None, description="Multimodal projector (mmproj GGUF) of the vision model."
+    )
+    chat_format: str | None = Field(
+        "llava-1-5", description="llama.cpp chat handler for the vision model."
+    )
+
+
+class ModelsSettings(_Section):
+    fast: TierSettings | None = Field(None, description="Always-resident small model.")
+    medium: TierSettings | None = Field(None, description="Heavy-slot tier.")
+    deep: TierSettings | None = Field(None, description="Heavy-slot tier.")
+    reasoning: TierSettings | None = Field(None, description="Heavy-slot tier.")
+    vision: VisionTierSettings | None = Field(
+        None, description="Heavy-slot tier, loaded when images are present."
+    )
+    heavy_keep_alive_s: float = Field(
+        300, ge=0, description="Idle seconds after which a heavy model is unloaded (0: never)."
+    )
+    load_timeout_s: float = Field(
+        120, gt=0, le=3600, description="A worker not ready within this time is killed."
+    )
+    unload_timeout_s: float = Field(
+        10, gt=0, le=300, description="Grace period between SIGTERM and SIGKILL of a worker."
+    )
+    n_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads per worker (default: llama.cpp's)."
+    )
+
+    def tiers(self) -> dict[str, TierSettings]:
+        """The configured tiers, in loading order, absent ones left out."""
+        return {name: t for name in TIER_NAMES if (t := getattr(self, name)) is not None}
+
+
+class LadderSettings(_Section):
+    gpu_layers: list[int] = Field(
+        [32, 20, 12, 4, 0],
+        min_length=1,
+        description="GPU layer counts tried after the configured one when a load fails.",
+    )
+    context: list[int] = Field(
+        [4096, 2048, 1024],
+        min_length=1,
+        description="Context sizes tried after the configured one when a load fails.",
+    )
+
+    @model_validator(mode="after")
+    def _non_negative(self) -> LadderSettings:
+        if any(v < 0 for v in self.gpu_layers):
+            raise ValueError("gpu_layers must be >= 0")
+        if any(v < 64 for v in self.context):
+            raise ValueError("context sizes must be >= 64")
+        return self
+
+
+class PipelineSettings(_Section):
+    pipeline: Path | None = Field(
+        None, description="Local diffusers pipeline folder (with model_index.json)."
+    )
+    required_vram_mb: int = Field(
+        4000, ge=0, le=1048576, description="VRAM the gate frees before a run on a GPU."
+    )
+    required_ram_mb: int = Field(
+        2000, ge=0, le=1048576, description="RAM the gate checks before a run on the CPU."
+    )
+    keep_alive_s: float = Field(
+        300, ge=0, description="Idle seconds before the loaded pipeline is released (0: at once)."
+    )
+    max_steps: int = Field(50, ge=1, le=1000, description="Largest `steps` a request may ask.")
+    default_steps: int = Field(25, ge=1, le=1000, description="`steps` when a request omits it.")
+
+
+class ImageSettings(PipelineSettings):
+    max_pixels: int = Field(
+        1024 * 1024, ge=64, description="Largest width x height a request may ask."
+    )
+    max_images: int = Field(4, ge=1, le=64, description="Largest `num_images` a request may ask.")
+
+
+class VideoSettings(PipelineSettings):
+    required_vram_mb: int = Field(
+        6000, ge=0, le=1048576, description="VRAM the gate frees before a run on a GPU."
+    )
+    max_pixels: int = Field(512 * 512, ge=64, description="Largest width x height per frame.")
+    max_frames: int = Field(
+        48, ge=1, le=1024, description="Largest `num_frames` a request may ask."
+    )
+
+
+class MusicSettings(PipelineSettings):
+    max_duration_s: float = Field(
+        47, gt=0, le=600, description="Longest `duration_s` a request may ask."
+    )
+
+
+class GenerationSettings(_Section):
+    image: ImageSettings = Field(default_factory=ImageSettings, description="/generate-image.")
+    video: VideoSettings = Field(default_factory=VideoSettings, description="/generate-video.")
+    music: MusicSettings = Field(default_factory=MusicSettings, description="/generate-music.")
+
+
+class SwarmSettings(_Section):
+    degraded_threshold_mb: int = Field(
+        5000, ge=0, description="Below this free VRAM every agent shares the fallback tier."
+    )
+    fallback_tier: Literal["fast", "medium", "deep", "reasoning"] = Field(
+        "fast", description="Tier all agents share in degraded mode."
+    )
+    max_agents: int = Field(8, ge=1, le=64, description="Most agents one swarm request may name.")
+    vision_keywords: list[str] = Field(
+        ["image", "picture", "photo", "screenshot", "diagram", "look at", "see"],
+        description="Words in a prompt that call for the vision model.",
+    )
+
+
+class QueueSettings(_Section):
+    max_waiting: int = Field(
+        16, ge=0, le=10000, description="Heavy tasks that may wait for the gate; more get 503."
+    )
+    max_wait_s: float = Field(
+        600, gt=0, le=86400, description="Longest a heavy task waits for the gate before a 503."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one Edison app."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDISON__", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings, description="HTTP server.")
+    memory: MemorySettings = Field(default_factory=MemorySettings, description="Memory probe.")
+    models: ModelsSettings = Field(default_factory=ModelsSettings, description="LLM tiers.")
+    ladder: LadderSettings = Field(default_factory=LadderSettings, description="Load ladder.")
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="Generation endpoints."
+    )
+    swarm: SwarmSettings = Field(default_factory=SwarmSettings, description="Swarm policy.")
+    queue: QueueSettings = Field(default_factory=QueueSettings, description="Heavy-task queue.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Why: the YAML file arrives as init kwargs; environment variables must win over it.
+        return (env_settings, init_settings)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative paths in a config file relative to the file's folder."""
+
+    def fix(section: dict[str, Any] | None, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            p = Path(section[key]).expanduser()
+            section[key] = str(p if p.is_absolute() else (base / p))
+
+    fix(data.get("server"), "outputs_dir")
+    for tier in (data.get("models") or {}).values():
+        fix(tier, "path")
+        fix(tier, "clip_path")
+    for pipe in (data.get("generation") or {}).values():
+        fix(pipe, "pipeline")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    msg = error["msg"]
+    if error["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def check_files(settings: Settings, source: str) -> None:
+    """Fail when a model or pipeline path in config cannot be read."""
+    problems = []
+    for name, tier in settings.models.tiers().items():
+        for key in ("path", "clip_path"):
+            p = getattr(tier, key, None)
+            if p is not None and not (p.is_file() and os.access(p, os.R_OK)):
+                problems.append(f"models.{name}.{key}: cannot read file {p}")
+    for name in ("image", "video", "music"):
+        p = getattr(settings.generation, name).pipeline
+        if p is not None and not (p / "model_index.json").is_file():
+            problems.append(f"generation.{name}.pipeline: no diffusers pipeline at {p}")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems), source=source, problems=problems)
+
+
+def load_settings(path: str | Path | None = None, *, check_paths: bool = True) -> Settings:
+    """Read, validate and return the settings; raise ConfigError naming file, key and problem."""
+    path = Path(path or os.environ.get("EDISON_CONFIG") or DEFAULT_CONFIG)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        msg = f"{source}: cannot read config file ({exc.strerror})"
+        raise ConfigError(msg, source=source) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}", source=source) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections", source=source)
+    _resolve_paths(data, path.resolve().parent)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError(
+            f"{source}: " + "; ".join(problems), source=source, problems=problems
+        ) from None
+    if check_paths:
+        check_files(settings, source)
+    return settings
