@@ -10,8 +10,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.chat_proxy import ChatProxy
 from services.memory_ledger import MemoryLedger
 from services.memory_probe import MemoryProbe
+from services.model_manager import ModelManager
 from services.settings import Settings
 
 
@@ -30,3 +32,15 @@ async def get_ledger(request: Request) -> MemoryLedger:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ProbeDep = Annotated[MemoryProbe, Depends(get_probe)]
 LedgerDep = Annotated[MemoryLedger, Depends(get_ledger)]
+
+
+async def get_models(request: Request) -> ModelManager:
+    return request.app.state.models
+
+
+async def get_chat(request: Request) -> ChatProxy:
+    return request.app.state.chat
+
+
+ModelsDep = Annotated[ModelManager, Depends(get_models)]
+ChatDep = Annotated[ChatProxy, Depends(get_chat)]

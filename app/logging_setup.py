@@ -18,3 +18,5 @@ def configure_logging(level: str = "info") -> None:
         root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("edison").setLevel(level.upper())
+    # One line per event: httpx would add one per proxied request.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from anyio import to_thread
 from fastapi import Depends, FastAPI
@@ -15,9 +17,11 @@ from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
-from routers import health, system
+from routers import chat, health, models, system
+from services.chat_proxy import ChatProxy
 from services.memory_ledger import MemoryLedger
 from services.memory_probe import MemoryProbe
+from services.model_manager import ModelManager
 from services.settings import Settings, load_settings
 
 log = logging.getLogger("edison.app")
@@ -37,13 +41,17 @@ async def _startup_work(app: FastAPI) -> None:
     state = app.state
     try:
         snap = await to_thread.run_sync(state.probe.snapshot)
-        state.startup_detail = f"probe: {snap.vram_source}, {len(snap.gpus)} GPU(s)"
+        probe = f"probe: {snap.vram_source}, {len(snap.gpus)} GPU(s)"
+        state.startup_detail = probe + "; loading models"
         log.info(
             "Memory probe: source=%s gpus=%d ram_available=%.0fMB",
             snap.vram_source,
             len(snap.gpus),
             snap.ram_available_mb,
         )
+        outcome = await state.models.load_llm_models()
+        loads = ", ".join(f"{k}: {v}" for k, v in outcome.items()) or "no tiers configured"
+        state.startup_detail = f"{probe}; models: {loads}"
     except Exception as exc:  # noqa: BLE001 - a failed start-up step must not kill the app
         state.startup_detail = f"start-up failed: {exc}"
         log.exception("start-up work failed")
@@ -62,6 +70,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reserve_vram_mb=settings.memory.reserve_vram_mb,
         reserve_ram_mb=settings.memory.reserve_ram_mb,
     )
+    state.models = ModelManager(settings, state.probe, state.ledger, **app.state.manager_options)
+    state.chat = ChatProxy(state.models)
+    await state.models.start()
     state.ready = asyncio.Event()
     state.startup_detail = "starting"
     settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -70,11 +81,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await startup
+        await state.chat.aclose()
+        await state.models.shutdown()
         state.probe.shutdown()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build a fresh app; with no settings, read them from EDISON_CONFIG or config/edison.yaml."""
+def create_app(settings: Settings | None = None, **manager_options: Any) -> FastAPI:
+    """Build a fresh app; with no settings, read them from EDISON_CONFIG or config/edison.yaml.
+
+    ``manager_options`` go to the ModelManager (``python``, ``worker_env``): tests use
+    them to start workers through a wrapper.
+    """
     settings = settings or load_settings()
     configure_logging(settings.server.log_level)
     app = FastAPI(
@@ -85,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={code: {**r, "model": ErrorBody} for code, r in ERROR_RESPONSES.items()},
     )
     app.state.settings = settings
+    app.state.manager_options = manager_options
     if settings.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -96,4 +116,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     protected = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(system.router, dependencies=protected)
+    app.include_router(models.router, dependencies=protected)
+    app.include_router(chat.router, dependencies=protected)
     return app

@@ -80,6 +80,12 @@ class UpstreamError(EdisonError):
     code = "upstream_error"
 
 
+class UpstreamRejected(EdisonError):
+    """A worker refused the request as invalid (its own 4xx)."""
+
+    code = "invalid_request"
+
+
 class NotFound(EdisonError):
     code = "not_found"
 
