@@ -22,6 +22,7 @@ log = logging.getLogger("edison.api")
 STATUS: dict[type[e.EdisonError], int] = {
     e.ConfigError: 500,
     e.NotReady: 503,
+    e.InvalidRequest: 422,
     e.InsufficientMemory: 503,
     e.QueueFull: 503,
     e.ModelUnavailable: 503,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,10 +18,13 @@ from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
-from routers import chat, health, models, system
+from routers import chat, generate, health, jobs, models, system
 from services.chat_proxy import ChatProxy
+from services.generation import JobService, PipelineRegistry
+from services.memory_gate import MemoryGate
 from services.memory_ledger import MemoryLedger
 from services.memory_probe import MemoryProbe
+from services.metrics import Metrics
 from services.model_manager import ModelManager
 from services.settings import Settings, load_settings
 
@@ -39,6 +43,7 @@ Errors share one body: `{"error": {"code", "message", ...details}}`. A 503 carri
 async def _startup_work(app: FastAPI) -> None:
     """Work that /ready waits for; /health answers meanwhile."""
     state = app.state
+    settings: Settings = state.settings
     try:
         snap = await to_thread.run_sync(state.probe.snapshot)
         probe = f"probe: {snap.vram_source}, {len(snap.gpus)} GPU(s)"
@@ -49,6 +54,9 @@ async def _startup_work(app: FastAPI) -> None:
             len(snap.gpus),
             snap.ram_available_mb,
         )
+        if any(getattr(settings.generation, k).pipeline for k in ("image", "video", "music")):
+            # The first generation would otherwise pay for importing torch and diffusers.
+            await to_thread.run_sync(importlib.import_module, "diffusers")
         outcome = await state.models.load_llm_models()
         loads = ", ".join(f"{k}: {v}" for k, v in outcome.items()) or "no tiers configured"
         state.startup_detail = f"{probe}; models: {loads}"
@@ -72,7 +80,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.models = ModelManager(settings, state.probe, state.ledger, **app.state.manager_options)
     state.chat = ChatProxy(state.models)
+    state.pipelines = PipelineRegistry(settings)
+    state.gate = MemoryGate(
+        settings,
+        state.probe,
+        state.ledger,
+        state.models,
+        unload_pipelines=state.pipelines.unload_idle,
+    )
+    state.metrics = Metrics()
+    state.jobs = JobService(
+        settings, state.gate, state.pipelines, observe=state.metrics.observe_task
+    )
     await state.models.start()
+    await state.pipelines.start()
     state.ready = asyncio.Event()
     state.startup_detail = "starting"
     settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +104,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         startup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await startup
+        for job in list(state.jobs.jobs.values()):
+            if not job.done.is_set():
+                state.jobs.cancel(job.id, "server shutting down")
         await state.chat.aclose()
+        await state.pipelines.shutdown()
         await state.models.shutdown()
         state.probe.shutdown()
 
@@ -118,4 +143,6 @@ def create_app(settings: Settings | None = None, **manager_options: Any) -> Fast
     app.include_router(system.router, dependencies=protected)
     app.include_router(models.router, dependencies=protected)
     app.include_router(chat.router, dependencies=protected)
+    app.include_router(generate.router, dependencies=protected)
+    app.include_router(jobs.router, dependencies=protected)
     return app

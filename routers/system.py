@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from anyio import to_thread
 from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import LedgerDep, ProbeDep, SettingsDep
 from app.schemas import SystemMemory
@@ -33,4 +35,17 @@ async def system_memory(
         "loaded_models": models.loaded_info() if models else [],
         "heavy_slot": models.heavy_slot if models else None,
         "gate": gate.describe() if gate else {"state": "idle", "queue_length": 0},
+        "pipelines": state.pipelines.describe() if hasattr(state, "pipelines") else [],
     }
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: memory per device, models, gate decisions, queue, task durations",
+    response_class=PlainTextResponse,
+)
+async def metrics(request: Request, probe: ProbeDep, ledger: LedgerDep) -> PlainTextResponse:
+    snap = await to_thread.run_sync(probe.snapshot)
+    state = request.app.state
+    body = state.metrics.render(snap, ledger, state.models, state.gate)
+    return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

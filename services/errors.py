@@ -24,6 +24,17 @@ class ConfigError(EdisonError):
     code = "invalid_config"
 
 
+class InvalidRequest(EdisonError):
+    """A request value outside what the config allows; ``fields`` names each one."""
+
+    code = "invalid_request"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(
+            f"Invalid request: {field}: {message}", fields=[{"field": field, "message": message}]
+        )
+
+
 class NotReady(EdisonError):
     code = "not_ready"
 

@@ -199,8 +199,9 @@ def graph_bytes(info: GGUFInfo, n_ctx: int, n_batch: int) -> tuple[int, int]:
 
     The first term of ``full`` is the f32 attention scores (n_ctx x b x n_head) plus
     activations; the second is the logits. For Llama-3-8B at n_ctx 8192, batch 512 it
-    gives 560.0 MiB, the "CUDA0 compute buffer size" llama.cpp logs for that load
-    without flash attention (flash attention needs less: this is an upper bound).
+    gives 560.0 MiB, which we recall as the "CUDA0 compute buffer size" llama.cpp logs
+    for that load without flash attention (not yet measured on this project's GPU;
+    flash attention needs less, so this is an upper bound).
     """
     b = max(1, min(n_batch, n_ctx))
     e, h, hkv, v, c = info.n_embd, info.n_head, info.n_head_kv, info.n_vocab, n_ctx
@@ -227,8 +228,9 @@ def estimate(
     services/llama_worker.py), so it allocates nothing there. On the CPU side the
     host compute buffer is the full graph when nothing is offloaded, the partial
     graph when some layers run on the CPU, and a staging allowance of
-    4 x batch x 3 x n_embd bytes when everything is offloaded (about the 24 MiB that
-    llama.cpp logs as "CUDA_Host compute buffer" for an 8B model at batch 512).
+    4 x batch x 3 x n_embd bytes when everything is offloaded (24 MiB for an 8B model
+    at batch 512, about what llama.cpp logs as "CUDA_Host compute buffer"; recalled,
+    not yet measured here). The CPU figures are allowances, the GPU ones the gate's.
     """
     ngl = effective_layers(n_gpu_layers, info.n_layer)
     ctx = effective_ctx(n_ctx, info.n_ctx_train)

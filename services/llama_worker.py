@@ -31,6 +31,15 @@ What llama_cpp.server (llama-cpp-python 0.3.36) does, as measured here:
   llava-1-6, mtmd, qwen2.5-vl, minicpm-v-2.6, moondream, ...); without one it is
   silently ignored.
 - ``--n_gpu_layers -1`` means all layers and the output layer.
+- ``--n_ctx`` above the trained context is accepted with a warning ("possible training
+  context overflow"); an absurd one (10^9 on the tiny model) does not fail, it grinds
+  on allocating, so the estimate, not the worker, must refuse it.
+- On SIGTERM uvicorn shuts down gracefully (about 0.1 s here) and then re-raises the
+  signal: a clean stop() returns -15.
+
+What this module adds: an allow-listed, offline environment; its own process group;
+the GPU hidden when no layer is offloaded; a parent-death signal (BOOTSTRAP), so a
+worker never outlives an Edison killed with SIGKILL; one retry on a new port.
 """
 
 from __future__ import annotations

@@ -281,11 +281,17 @@ class ModelManager:
         log.info(
             "Model loaded: tier=%s reason=%s rung=%d layers=%d ctx=%d device=%s "
             "estimate=%.0fMB measured=%s rss=%s ready=%.0fms",
-            tier.name, reason, model.rung, model.n_gpu_layers, model.n_ctx, model.device,
+            tier.name,
+            reason,
+            model.rung,
+            model.n_gpu_layers,
+            model.n_ctx,
+            model.device,
             model.vram_estimate_mb if model.device != CPU else model.ram_estimate_mb,
             "n/a" if model.vram_measured_mb is None else f"{model.vram_measured_mb:.0f}MB",
-            "n/a" if model.rss_mb is None else f"{model.rss_mb:.0f}MB", model.ready_ms,
-        )  # fmt: skip
+            "n/a" if model.rss_mb is None else f"{model.rss_mb:.0f}MB",
+            model.ready_ms,
+        )
         return model
 
     def _twin(self, tier: TierState) -> TierState | None:
@@ -305,9 +311,13 @@ class ModelManager:
     def _rungs(self, tier: TierState, info: GGUFInfo, device: str) -> list[tuple[int, int]]:
         lad = self.settings.ladder
         rungs = ladder(
-            tier.cfg.n_gpu_layers, tier.cfg.n_ctx, lad.gpu_layers, lad.context,
-            info.n_layer, info.n_ctx_train,
-        )  # fmt: skip
+            tier.cfg.n_gpu_layers,
+            tier.cfg.n_ctx,
+            lad.gpu_layers,
+            lad.context,
+            info.n_layer,
+            info.n_ctx_train,
+        )
         if device == CPU:
             # Without a GPU only the context matters: every layer count is the same load.
             seen: dict[int, None] = {}
@@ -340,8 +350,11 @@ class ModelManager:
                 raise InsufficientMemory(
                     f"Not enough RAM to load {tier.name}: needs {smallest:.0f} MB, "
                     f"{usable:.0f} MB usable",
-                    device=CPU, required_mb=round(smallest), free_mb=round(usable), tier=tier.name,
-                )  # fmt: skip
+                    device=CPU,
+                    required_mb=round(smallest),
+                    free_mb=round(usable),
+                    tier=tier.name,
+                )
             start = fits[0]
         else:
             start = first_fitting_rung(info, rungs, usable)
@@ -359,13 +372,20 @@ class ModelManager:
         )
         raise ModelLoadFailed(
             f"Could not load {tier.name}: every rung failed. {tried}",
-            tier=tier.name, attempts=[a.__dict__ for a in tier.attempts],
-        )  # fmt: skip
+            tier=tier.name,
+            attempts=[a.__dict__ for a in tier.attempts],
+        )
 
     async def _try_rung(
-        self, tier: TierState, rung: int, n_layers: int, n_ctx: int, est: Estimate,
-        need_mb: float, device: str,
-    ) -> LoadedModel | None:  # fmt: skip
+        self,
+        tier: TierState,
+        rung: int,
+        n_layers: int,
+        n_ctx: int,
+        est: Estimate,
+        need_mb: float,
+        device: str,
+    ) -> LoadedModel | None:
         cfg = tier.cfg
         spec = WorkerSpec(
             key=tier.name,
@@ -393,8 +413,14 @@ class ModelManager:
                     rung, n_layers, n_ctx, need_mb, False, why, (time.perf_counter() - t0) * 1000
                 )
             )
-            log.warning("Load attempt failed: tier=%s rung=%d layers=%d ctx=%d: %s",
-                        tier.name, rung, n_layers, n_ctx, why)  # fmt: skip
+            log.warning(
+                "Load attempt failed: tier=%s rung=%d layers=%d ctx=%d: %s",
+                tier.name,
+                rung,
+                n_layers,
+                n_ctx,
+                why,
+            )
             return None
         except BaseException:
             self.ledger.release(res)
@@ -411,12 +437,25 @@ class ModelManager:
         tier.attempts.append(LoadAttempt(rung, n_layers, n_ctx, need_mb, True, "ready", ms))
         now = time.time()
         model = LoadedModel(
-            key=tier.name, path=str(cfg.path), n_gpu_layers=spec.n_gpu_layers, n_ctx=n_ctx,
-            vram_estimate_mb=round(need_mb if device != CPU else 0.0, 1), vram_measured_mb=vram, rss_mb=rss,
-            pid=worker.pid, port=worker.port, rung=rung, loaded_at=now, last_used_at=now,
-            heavy=tier.heavy, device=device, ram_estimate_mb=round(need_mb if device == CPU else est.ram_mb, 1),
-            ready_ms=round(worker.ready_ms, 1), worker=worker, reservation=res,
-        )  # fmt: skip
+            key=tier.name,
+            path=str(cfg.path),
+            n_gpu_layers=spec.n_gpu_layers,
+            n_ctx=n_ctx,
+            vram_estimate_mb=round(need_mb if device != CPU else 0.0, 1),
+            vram_measured_mb=vram,
+            rss_mb=rss,
+            pid=worker.pid,
+            port=worker.port,
+            rung=rung,
+            loaded_at=now,
+            last_used_at=now,
+            heavy=tier.heavy,
+            device=device,
+            ram_estimate_mb=round(need_mb if device == CPU else est.ram_mb, 1),
+            ready_ms=round(worker.ready_ms, 1),
+            worker=worker,
+            reservation=res,
+        )
         model.idle.set()
         return model
 
@@ -527,14 +566,21 @@ class ModelManager:
         names = [t.name for t in sharing]
         if model.device != CPU:
             await wait_gpu_memory_released(
-                self.probe, model.pid, self.settings.memory.recovery_wait_s,
+                self.probe,
+                model.pid,
+                self.settings.memory.recovery_wait_s,
                 self.settings.memory.recovery_poll_s,
-            )  # fmt: skip
+            )
         held = model.reservation.mb
         self.ledger.release(model.reservation)
         freed = max(0.0, await self._free_mb() - before) if measure else 0.0
-        log.info("Model unloaded: tier=%s reason=%s held=%.0fMB freed=%.0fMB",
-                 tier.name, reason, held, freed)  # fmt: skip
+        log.info(
+            "Model unloaded: tier=%s reason=%s held=%.0fMB freed=%.0fMB",
+            tier.name,
+            reason,
+            held,
+            freed,
+        )
         return {"unloaded": names, "freed_mb": round(freed, 1), "held_mb": round(held, 1)}
 
     async def _free_mb(self) -> float:

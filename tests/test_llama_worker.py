@@ -27,6 +27,7 @@ from services.memory_probe import MemoryProbe
 from services.tiny_gguf import write_tiny_gguf
 
 START_S = 60  # generous: the tiny model is ready in about half a second
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -37,6 +38,14 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("w") / "tiny.gguf")
+
+
+@pytest.fixture
+def truncated(tiny: Path, tmp_path: Path) -> Path:
+    """The tiny model cut in the middle of its tensors."""
+    path = tmp_path / "truncated.gguf"
+    path.write_bytes(tiny.read_bytes()[:100_000])
+    return path
 
 
 def spec(path: Path, key: str = "tiny", **kw) -> WorkerSpec:
@@ -107,10 +116,8 @@ async def test_missing_model_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_truncated_model_fails_with_llama_cpp_s_reason(tiny: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "truncated.gguf"
-    broken.write_bytes(tiny.read_bytes()[:100_000])
-    w = LlamaWorker(spec(broken))
+async def test_a_truncated_model_fails_with_llama_cpp_s_reason(truncated: Path) -> None:
+    w = LlamaWorker(spec(truncated))
     with pytest.raises(WorkerStartFailed) as err:
         await w.start(START_S)
     e = err.value
@@ -157,7 +164,7 @@ async def test_start_timeout_kills_the_worker(tiny: Path) -> None:
 async def test_a_cancelled_start_leaves_no_process(tiny: Path) -> None:
     w = LlamaWorker(spec(tiny))
     task = asyncio.create_task(w.start(START_S))
-    while w.pid is None:
+    while w.pid is None:  # noqa: ASYNC110 - the worker offers no event for "spawned"
         await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -279,7 +286,8 @@ def test_command_line_and_environment(tmp_path: Path, monkeypatch: pytest.Monkey
                 "ValueError: Failed to load model from file: /m.gguf",
             ],
             "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9000.00 MiB on device 0:"
-            " cudaMalloc failed: out of memory (ValueError: Failed to load model from file: /m.gguf)",
+            " cudaMalloc failed: out of memory"
+            " (ValueError: Failed to load model from file: /m.gguf)",
         ),
         ([], "no output"),
     ],
@@ -346,7 +354,7 @@ async def test_a_worker_does_not_outlive_a_killed_parent(tiny: Path) -> None:
         "-c",
         script,
         stdout=asyncio.subprocess.PIPE,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
     try:
         line = await asyncio.wait_for(parent.stdout.readline(), START_S)

@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per app (two apps in one process never collide)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from services.memory_probe import MemorySnapshot
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ram_total = Gauge("edison_ram_total_mb", "Total RAM, MB.", registry=r)
+        self.ram_available = Gauge("edison_ram_available_mb", "Available RAM, MB.", registry=r)
+        self.vram_total = Gauge(
+            "edison_vram_total_mb", "VRAM per device, MB.", ["device"], registry=r
+        )
+        self.vram_free = Gauge(
+            "edison_vram_free_mb", "Free VRAM per device, MB.", ["device"], registry=r
+        )
+        self.held = Gauge(
+            "edison_ledger_held_mb", "Memory held in the ledger, MB.", ["device"], registry=r
+        )
+        self.models_loaded = Gauge("edison_models_loaded", "LLM workers running.", registry=r)
+        self.queue_length = Gauge("edison_gate_queue_length", "Heavy tasks waiting.", registry=r)
+        self.gate_busy = Gauge("edison_gate_busy", "1 while a heavy task runs.", registry=r)
+        self.gate_decisions = Counter(
+            "edison_gate_decisions", "Gate outcomes.", ["outcome"], registry=r
+        )
+        self.task_seconds = Histogram(
+            "edison_task_duration_seconds",
+            "Generation job duration by endpoint and status.",
+            ["endpoint", "status"],
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self._seen_outcomes: dict[str, int] = {}
+
+    def observe_task(self, kind: str, status: str, seconds: float) -> None:
+        self.task_seconds.labels(endpoint=f"/generate-{kind}", status=status).observe(seconds)
+
+    def render(self, snap: MemorySnapshot, ledger: Any, models: Any, gate: Any) -> bytes:
+        """Refresh the gauges from one snapshot and return the text format."""
+        self.ram_total.set(snap.ram_total_mb)
+        self.ram_available.set(snap.ram_available_mb)
+        for g in snap.gpus:
+            self.vram_total.labels(device=f"cuda:{g.index}").set(g.total_mb)
+            self.vram_free.labels(device=f"cuda:{g.index}").set(g.free_mb)
+        devices = (
+            {r.device for r in ledger.entries()} | {"cpu"} | {f"cuda:{g.index}" for g in snap.gpus}
+        )
+        for d in devices:
+            self.held.labels(device=d).set(ledger.held_mb(d))
+        self.models_loaded.set(len(models.loaded_info()))
+        self.queue_length.set(gate.queue_length)
+        self.gate_busy.set(1 if gate.current is not None else 0)
+        for outcome, n in gate.outcomes.items():
+            delta = n - self._seen_outcomes.get(outcome, 0)
+            if delta > 0:
+                self.gate_decisions.labels(outcome=outcome).inc(delta)
+            self._seen_outcomes[outcome] = n
+        return generate_latest(self.registry)
