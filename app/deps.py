@@ -17,6 +17,7 @@ from services.memory_ledger import MemoryLedger
 from services.memory_probe import MemoryProbe
 from services.model_manager import ModelManager
 from services.settings import Settings
+from services.swarm_safety import SwarmService
 
 
 async def get_settings(request: Request) -> Settings:
@@ -58,3 +59,10 @@ async def get_jobs(request: Request) -> JobService:
 
 GateDep = Annotated[MemoryGate, Depends(get_gate)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
+
+
+async def get_swarm(request: Request) -> SwarmService:
+    return request.app.state.swarm
+
+
+SwarmDep = Annotated[SwarmService, Depends(get_swarm)]

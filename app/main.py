@@ -18,7 +18,7 @@ from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
-from routers import chat, generate, health, jobs, models, system
+from routers import chat, generate, health, jobs, models, swarm, system
 from services.chat_proxy import ChatProxy
 from services.generation import JobService, PipelineRegistry
 from services.memory_gate import MemoryGate
@@ -27,6 +27,7 @@ from services.memory_probe import MemoryProbe
 from services.metrics import Metrics
 from services.model_manager import ModelManager
 from services.settings import Settings, load_settings
+from services.swarm_safety import SwarmService
 
 log = logging.getLogger("edison.app")
 
@@ -71,7 +72,7 @@ async def _startup_work(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     state = app.state
-    state.probe = MemoryProbe(
+    state.probe = state.probe_override or MemoryProbe(
         timeout_s=settings.memory.probe_timeout_s, vram_budget_mb=settings.memory.vram_budget_mb
     )
     state.ledger = MemoryLedger(
@@ -80,6 +81,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.models = ModelManager(settings, state.probe, state.ledger, **app.state.manager_options)
     state.chat = ChatProxy(state.models)
+    state.swarm = SwarmService(settings, state.probe, state.ledger, state.models, state.chat)
     state.pipelines = PipelineRegistry(settings)
     state.gate = MemoryGate(
         settings,
@@ -113,11 +115,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.probe.shutdown()
 
 
-def create_app(settings: Settings | None = None, **manager_options: Any) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, probe: Any = None, **manager_options: Any
+) -> FastAPI:
     """Build a fresh app; with no settings, read them from EDISON_CONFIG or config/edison.yaml.
 
-    ``manager_options`` go to the ModelManager (``python``, ``worker_env``): tests use
-    them to start workers through a wrapper.
+    ``probe`` replaces the memory probe (tests: a GPU that reports given numbers);
+    ``manager_options`` go to the ModelManager (``python``, ``worker_env``).
     """
     settings = settings or load_settings()
     configure_logging(settings.server.log_level)
@@ -130,6 +134,7 @@ def create_app(settings: Settings | None = None, **manager_options: Any) -> Fast
     )
     app.state.settings = settings
     app.state.manager_options = manager_options
+    app.state.probe_override = probe
     if settings.server.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -145,4 +150,5 @@ def create_app(settings: Settings | None = None, **manager_options: Any) -> Fast
     app.include_router(chat.router, dependencies=protected)
     app.include_router(generate.router, dependencies=protected)
     app.include_router(jobs.router, dependencies=protected)
+    app.include_router(swarm.router, dependencies=protected)
     return app

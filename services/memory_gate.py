@@ -207,14 +207,15 @@ class MemoryGate:
         budget, actions = before, []
 
         async def check(action: str | None) -> bool:
+            """Probe again (after an action, or while waiting) and compare."""
             nonlocal snap, budget
             if action:
                 actions.append(action)
-                snap, _ = await self._snapshot()
-                budget = self.ledger.budget(snap, device, exclude=own)
+            snap, _ = await self._snapshot()
+            budget = self.ledger.budget(snap, device, exclude=own)
             return budget.usable_mb >= required
 
-        ok = await check(None)
+        ok = budget.usable_mb >= required
         if not ok and self.unload_pipelines is not None:
             freed = await self.unload_pipelines(keep_pipeline or "")
             if freed:
@@ -238,7 +239,7 @@ class MemoryGate:
             freed_mb=freed,
             snapshot=snap,
             device=device,
-            actions=actions or ["enough memory"],
+            actions=actions or (["enough memory"] if ok else ["nothing to unload"]),
             waited_ms=(time.perf_counter() - t0) * 1000,
             required_mb=required,
             usable_mb=budget.usable_mb,

@@ -31,7 +31,6 @@ from services.gguf_estimate import (
     GGUFInfo,
     InvalidModelFile,
     estimate,
-    first_fitting_rung,
     ladder,
     read_gguf_info,
 )
@@ -343,21 +342,31 @@ class ModelManager:
                 return est.ram_mb + est.vram_mb + WORKER_RAM_MB
             return est.vram_mb + (CUDA_CONTEXT_MB if est.n_gpu_layers else 0.0)
 
-        if device == CPU:
-            fits = [i for i, (n, c) in enumerate(rungs) if need(estimate(info, n, c)) <= usable]
-            if not fits:
-                smallest = need(estimate(info, *rungs[-1]))
-                raise InsufficientMemory(
-                    f"Not enough RAM to load {tier.name}: needs {smallest:.0f} MB, "
-                    f"{usable:.0f} MB usable",
-                    device=CPU,
-                    required_mb=round(smallest),
-                    free_mb=round(usable),
-                    tier=tier.name,
-                )
+        fits = [i for i, (n, c) in enumerate(rungs) if need(estimate(info, n, c)) <= usable]
+        if fits:
             start = fits[0]
+        elif device != CPU:
+            # No rung fits the card beside what it holds: the CPU rungs need no VRAM.
+            start = next((i for i, (n, _) in enumerate(rungs) if n == 0), len(rungs) - 1)
         else:
-            start = first_fitting_rung(info, rungs, usable)
+            smallest = need(estimate(info, *rungs[-1]))
+            raise InsufficientMemory(
+                f"Not enough RAM to load {tier.name}: needs {smallest:.0f} MB, "
+                f"{usable:.0f} MB usable",
+                device=CPU,
+                required_mb=round(smallest),
+                free_mb=round(usable),
+                tier=tier.name,
+            )
+        if start:
+            log.info(
+                "Load of %s starts at rung %d (layers=%d, ctx=%d): %.0f MB usable on %s",
+                tier.name,
+                start,
+                *rungs[start],
+                usable,
+                device,
+            )
         for i in range(start, len(rungs)):
             n_layers, n_ctx = rungs[i]
             est = estimate(info, n_layers, n_ctx)

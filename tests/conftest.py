@@ -103,3 +103,59 @@ def live_server() -> Iterator[Callable[[Any], LiveServer]]:
     yield start
     for s in servers:
         s.__exit__()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight image, video and music pipelines, built once per run."""
+    from services.tiny_pipelines import write_tiny_pipeline
+
+    out = tmp_path_factory.mktemp("pipelines")
+    return {kind: write_tiny_pipeline(kind, out / kind) for kind in ("image", "video", "music")}
+
+
+class FakeGpuProbe:
+    """A GPU that reports given numbers: the one thing that cannot exist on this machine.
+
+    ``used_mb`` is what other programs and Edison's own allocations occupy; tests move it
+    to play the driver. ``lag`` snapshots pass before a change of ``used_mb`` shows.
+    """
+
+    def __init__(self, total_mb: float = 12288, used_mb: float = 0) -> None:
+        from services.memory_probe import MemoryProbe
+
+        self.total_mb = total_mb
+        self._used = used_mb
+        self._pending: list[tuple[int, float]] = []
+        self.calls = 0
+        self._real = MemoryProbe(timeout_s=5)
+
+    @property
+    def used_mb(self) -> float:
+        return self._used
+
+    def set_used(self, used_mb: float, lag: int = 0) -> None:
+        if lag:
+            self._pending.append((self.calls + lag, used_mb))
+        else:
+            self._used = used_mb
+
+    def snapshot(self):  # noqa: ANN201
+        from services.memory_probe import GpuMemory, MemorySnapshot
+
+        self.calls += 1
+        for due, value in list(self._pending):
+            if self.calls >= due:
+                self._used = value
+                self._pending.remove((due, value))
+        gpu = GpuMemory(0, "Fake 12GB", self.total_mb, self._used, self.total_mb - self._used)
+        ram = self._real.snapshot()
+        return MemorySnapshot(
+            ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, (gpu,), "fake", time.time()
+        )
+
+    def process_vram_mb(self, pids):  # noqa: ANN001, ANN201
+        return None
+
+    def shutdown(self) -> None:
+        pass
