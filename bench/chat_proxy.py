@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -193,6 +194,9 @@ def main() -> None:
             direct = worker_url(client, srv.url)
             peers = {"edison": srv.url, "direct": direct}
             results: dict[str, list[Stream]] = {name: [] for name in peers}
+            assert srv.proc is not None
+            edison_proc = psutil.Process(srv.proc.pid)
+            edison_cpu_s = 0.0  # Edison's own CPU time during the streams it proxied
             # Warm-up, one full pass: llama.cpp pays a one-off few hundred ms the first
             # time it meets a new batch shape, whichever path the request came by.
             for prompt in PROMPTS:
@@ -203,7 +207,10 @@ def main() -> None:
                 for prompt in PROMPTS:
                     order = list(peers.items()) if r % 2 == 0 else list(peers.items())[::-1]
                     for name, base in order:
+                        cpu0 = sum(edison_proc.cpu_times()[:2])
                         results[name].append(stream_once(client, base, prompt, args.max_tokens))
+                        if name == "edison":
+                            edison_cpu_s += sum(edison_proc.cpu_times()[:2]) - cpu0
 
             loads: dict[str, list[float]] = {"edison": [], "worker": [], "bare": []}
             for r in range(args.load_rounds):
@@ -228,6 +235,11 @@ def main() -> None:
     print(
         f"ratio throughput edison/direct: {tps['edison'] / tps['direct']:.3f} (target >= 0.95); "
         f"added TTFT at the median: {ttft['edison'] - ttft['direct']:+.2f} ms (target < 5 ms)"
+    )
+    chunks = sum(s.tokens for s in results["edison"])
+    print(
+        f"Edison's own CPU while proxying: {edison_cpu_s * 1e6 / chunks:.0f} us per streamed "
+        f"token ({edison_cpu_s:.2f} s for {chunks} tokens)"
     )
     le, lw, lb = med(loads["edison"]), med(loads["worker"]), med(loads["bare"])
     print(

@@ -18,6 +18,7 @@ from app.schemas import ErrorBody
 from services.errors import InvalidRequest
 from services.generation import Job, JobService
 from services.pipelines import GenerationParams
+from services.settings import Settings
 
 router = APIRouter(tags=["generation"])
 
@@ -172,6 +173,40 @@ async def _wait_or_cancel(request: Request, jobs: JobService, job: Job) -> None:
         tg.cancel_scope.cancel()
 
 
+def _params(kind: str, req: _Common, settings: Settings, jobs: JobService) -> GenerationParams:
+    """Check the request against the config's limits (422 naming the field) and build the
+    pipeline arguments: the request fields carry GenerationParams' own names."""
+    cfg = getattr(settings.generation, kind)
+    steps = req.steps or cfg.default_steps
+    _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
+    data = req.model_dump()
+    if "width" in data:
+        _check(
+            "width",
+            req.width * req.height <= cfg.max_pixels,
+            f"width x height must be at most {cfg.max_pixels} pixels",
+        )
+    for field, limit in (
+        ("num_images", "max_images"),
+        ("num_frames", "max_frames"),
+        ("duration_s", "max_duration_s"),
+    ):
+        if field in data:
+            most = getattr(cfg, limit)
+            _check(field, data[field] <= most, f"must be at most {most:g}")
+    if kind == "music" and (host := jobs.pipelines.hosts.get("music")) and host.loaded:
+        longest = host.describe().get("max_duration_s")
+        if longest:
+            _check(
+                "duration_s",
+                req.duration_s <= longest,
+                f"the pipeline's longest clip is {longest:g} s",
+            )
+    if "format" in data:
+        data["video_format"] = data.pop("format")
+    return GenerationParams(**{**data, "steps": steps})
+
+
 @router.post(
     "/generate-image",
     response_model=GenerationResponse,
@@ -185,25 +220,7 @@ async def generate_image(
     settings: SettingsDep,
     prefer: PreferHeader = None,
 ) -> Any:
-    cfg = settings.generation.image
-    steps = req.steps or cfg.default_steps
-    _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
-    _check(
-        "width",
-        req.width * req.height <= cfg.max_pixels,
-        f"width x height must be at most {cfg.max_pixels} pixels",
-    )
-    _check("num_images", req.num_images <= cfg.max_images, f"must be at most {cfg.max_images}")
-    params = GenerationParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=steps,
-        guidance_scale=req.guidance_scale,
-        seed=req.seed,
-        width=req.width,
-        height=req.height,
-        num_images=req.num_images,
-    )
+    params = _params("image", req, settings, jobs)
     return await _submit(request, jobs, "image", params, prefer)
 
 
@@ -220,27 +237,7 @@ async def generate_video(
     settings: SettingsDep,
     prefer: PreferHeader = None,
 ) -> Any:
-    cfg = settings.generation.video
-    steps = req.steps or cfg.default_steps
-    _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
-    _check(
-        "width",
-        req.width * req.height <= cfg.max_pixels,
-        f"width x height must be at most {cfg.max_pixels} pixels",
-    )
-    _check("num_frames", req.num_frames <= cfg.max_frames, f"must be at most {cfg.max_frames}")
-    params = GenerationParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=steps,
-        guidance_scale=req.guidance_scale,
-        seed=req.seed,
-        width=req.width,
-        height=req.height,
-        num_frames=req.num_frames,
-        fps=req.fps,
-        video_format=req.format,
-    )
+    params = _params("video", req, settings, jobs)
     return await _submit(request, jobs, "video", params, prefer)
 
 
@@ -257,25 +254,5 @@ async def generate_music(
     settings: SettingsDep,
     prefer: PreferHeader = None,
 ) -> Any:
-    cfg = settings.generation.music
-    steps = req.steps or cfg.default_steps
-    _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
-    _check(
-        "duration_s",
-        req.duration_s <= cfg.max_duration_s,
-        f"must be at most {cfg.max_duration_s:g}",
-    )
-    host = jobs.pipelines.hosts.get("music")
-    longest = host.describe().get("max_duration_s") if host and host.loaded else None
-    if longest:
-        _check(
-            "duration_s", req.duration_s <= longest, f"the pipeline's longest clip is {longest:g} s"
-        )
-    params = GenerationParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=steps,
-        seed=req.seed,
-        duration_s=req.duration_s,
-    )
+    params = _params("music", req, settings, jobs)
     return await _submit(request, jobs, "music", params, prefer)

@@ -251,6 +251,9 @@ class ModelManager:
     async def load(self, key: str, *, reason: str = "request") -> LoadedModel:
         """Load a tier (evicting the heavy slot's occupant if needed) and return its model."""
         tier = self._tier(key)
+        model = tier.model
+        if model is not None and tier.status == "loaded" and model.worker.alive:
+            return model  # the common case never waits behind another tier's load
         async with self._lock:
             return await self._load_locked(tier, reason)
 

@@ -61,6 +61,15 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return build
 
 
+def wait_ready(client: Any) -> None:
+    """Poll a TestClient's /ready until start-up work (eager loads) is done."""
+    for _ in range(1200):
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the app never became ready")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from services.tiny_gguf import TinyShape, write_tiny_gguf
-from tests.conftest import FakeGpuProbe
+from tests.conftest import FakeGpuProbe, wait_ready
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,6 @@ def chat_settings(make_settings, tiny_dir):
         return make_settings(models={**base, **models})
 
     return build
-
-
-def ready(client: TestClient) -> None:
-    for _ in range(600):
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("not ready")
 
 
 def test_openai_client_against_v1(chat_settings, live_server) -> None:
@@ -97,7 +89,7 @@ def test_stream_passes_chunks_as_they_come(chat_settings, long_ctx_model, live_s
 
 def test_unknown_tier_and_too_long_prompt(chat_settings) -> None:
     with TestClient(create_app(chat_settings())) as client:
-        ready(client)
+        wait_ready(client)
         r = client.post(
             "/v1/chat/completions",
             json={"model": "huge", "messages": [{"role": "user", "content": "x"}]},
@@ -185,7 +177,7 @@ def test_client_disconnect_closes_the_upstream(chat_settings, long_ctx_model, li
 
 def test_images_go_to_vision_or_say_who_answered(chat_settings) -> None:
     with TestClient(create_app(chat_settings())) as client:
-        ready(client)
+        wait_ready(client)
         msg = {"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
@@ -202,7 +194,7 @@ def test_images_go_to_vision_or_say_who_answered(chat_settings) -> None:
 
 def test_operator_endpoints(chat_settings) -> None:
     with TestClient(create_app(chat_settings())) as client:
-        ready(client)
+        wait_ready(client)
         loaded = client.post("/models/medium/load").json()
         assert loaded["status"] == "loaded" and loaded["loaded"]["rung"] == 0
         pid = loaded["loaded"]["pid"]
@@ -223,7 +215,7 @@ def test_missing_model_file_marks_tier_failed_others_serve(chat_settings, tmp_pa
     with TestClient(
         create_app(chat_settings(medium={"path": str(doomed), "n_ctx": 256}))
     ) as client:
-        ready(client)
+        wait_ready(client)
         r = client.post("/models/medium/load")
         assert r.status_code == 503 and r.json()["error"]["code"] == "invalid_model_file"
         tiers = {t["tier"]: t for t in client.get("/models").json()["tiers"]}

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from tests.conftest import wait_ready
 
 
 @pytest.fixture
@@ -37,14 +38,6 @@ def gen_settings(make_settings, tiny_pipelines, tiny_dir):
         return make_settings(**sections)
 
     return build
-
-
-def wait_ready(client: TestClient) -> None:
-    for _ in range(600):
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("not ready")
 
 
 def test_image_png_at_the_asked_size(gen_settings, live_server) -> None:
