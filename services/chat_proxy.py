@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 
 from services.errors import ContextLengthExceeded, UpstreamError, UpstreamRejected
-from services.model_manager import ModelManager, Resolution
+from services.model_manager import ModelManager
+from services.model_records import Resolution
 
 log = logging.getLogger("edison.chat")
 

@@ -33,7 +33,8 @@ from services.chat_proxy import ChatProxy
 from services.errors import ContextLengthExceeded, EdisonError, InvalidRequest
 from services.memory_ledger import MemoryLedger, device_name
 from services.memory_probe import MemoryProbe
-from services.model_manager import FALLBACKS, ModelManager, Resolution
+from services.model_manager import ModelManager
+from services.model_records import FALLBACKS, Resolution
 from services.settings import HEAVY_TIERS, Settings, SwarmSettings
 
 log = logging.getLogger("edison.swarm")
