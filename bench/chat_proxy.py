@@ -10,6 +10,9 @@ and the byte tokens banned (see BANNED_TOKENS), so every answer streams exactly
 TTFT: request sent -> first SSE chunk whose delta carries `content`.
 Throughput: (content chunks - 1) / (last content chunk - first content chunk).
 
+Also prints Edison's own CPU time per forwarded token (psutil, over its streams).
+`--n-embd` / `--n-layer` make the model wider and slower, nearer a real token rate.
+
 Then model loads: POST /models/fast/load (after an unload) against a bare
 `python -m llama_cpp.server` started here and polled on GET /v1/models.
 

@@ -46,6 +46,7 @@ from services.settings import Settings  # noqa: E402
 PROMPT = "a cat and a dog at sunset in the city"
 SEED = 7
 REQUIRED_RAM_MB = 64
+BLOCK = 10  # gate iterations, then as many bare snapshots, in turn
 
 
 def med(values: list[float]) -> float:
@@ -54,7 +55,7 @@ def med(values: list[float]) -> float:
 
 # ---- 2. the gate alone -------------------------------------------------------------
 def gate_micro(seconds: float, max_iterations: int) -> tuple[dict[str, list[float]], int]:
-    """Alternate pre+post, pre alone, post alone and a bare snapshot; times in µs.
+    """Blocks of pre+post (each half timed too) in turn with bare snapshots; times in µs.
 
     Also returns how many objects gc tracks: post_heavy_task runs a full gc.collect(),
     whose cost grows with the heap."""
@@ -67,6 +68,7 @@ def gate_micro(seconds: float, max_iterations: int) -> tuple[dict[str, list[floa
         "pre+post": [],
         "pre": [],
         "post": [],
+        "pre, back to back": [],
         "snapshot": [],
         "snapshot in thread": [],
         "gc.collect": [],
@@ -75,24 +77,32 @@ def gate_micro(seconds: float, max_iterations: int) -> tuple[dict[str, list[floa
     async def run() -> None:
         deadline = time.perf_counter() + seconds
         n = 0
+        # Blocks rather than strict alternation: the gate's gc.collect() evicts the CPU
+        # caches, which would slow the snapshot right after it.
         while n < max_iterations and time.perf_counter() < deadline:
-            n += 1
-            t0 = time.perf_counter()
-            r = await gate.pre_heavy_task(0, "bench", required_ram_mb=REQUIRED_RAM_MB)
-            t1 = time.perf_counter()
-            await gate.post_heavy_task()
-            t2 = time.perf_counter()
-            if not r.ok:
-                raise RuntimeError(f"the gate refused: {r.error}")
-            out["pre+post"].append((t2 - t0) * 1e6)
-            out["pre"].append((t1 - t0) * 1e6)
-            out["post"].append((t2 - t1) * 1e6)
-            t0 = time.perf_counter()
-            probe.snapshot()
-            out["snapshot"].append((time.perf_counter() - t0) * 1e6)
-            t0 = time.perf_counter()
-            await anyio.to_thread.run_sync(probe.snapshot)
-            out["snapshot in thread"].append((time.perf_counter() - t0) * 1e6)
+            for _ in range(BLOCK):
+                n += 1
+                t0 = time.perf_counter()
+                r = await gate.pre_heavy_task(0, "bench", required_ram_mb=REQUIRED_RAM_MB)
+                t1 = time.perf_counter()
+                await gate.post_heavy_task()
+                t2 = time.perf_counter()
+                if not r.ok:
+                    raise RuntimeError(f"the gate refused: {r.error}")
+                out["pre+post"].append((t2 - t0) * 1e6)
+                out["pre"].append((t1 - t0) * 1e6)
+                out["post"].append((t2 - t1) * 1e6)
+            for _ in range(BLOCK):  # no gc.collect() in between: warm caches
+                t0 = time.perf_counter()
+                await gate.pre_heavy_task(0, "bench", required_ram_mb=REQUIRED_RAM_MB)
+                out["pre, back to back"].append((time.perf_counter() - t0) * 1e6)
+            for _ in range(BLOCK):
+                t0 = time.perf_counter()
+                probe.snapshot()
+                out["snapshot"].append((time.perf_counter() - t0) * 1e6)
+                t0 = time.perf_counter()
+                await anyio.to_thread.run_sync(probe.snapshot)
+                out["snapshot in thread"].append((time.perf_counter() - t0) * 1e6)
             t0 = time.perf_counter()
             gc.collect()
             out["gc.collect"].append((time.perf_counter() - t0) * 1e6)

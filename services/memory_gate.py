@@ -8,8 +8,8 @@ waits its turn in a bounded FIFO queue, holds a reservation in the memory ledger
 the task's whole life (so no model load can take that memory meanwhile), runs
 ``pre_heavy_task`` (free memory on the task's device -> unload idle pipelines -> unload
 the heavy slot -> unload all models -> wait for the driver -> final check) and on every
-exit path releases the reservation and runs ``post_heavy_task`` (fast model back in the
-background, caches flushed). Without a GPU the same rules run on RAM.
+exit path releases the reservation and, in the background, runs ``post_heavy_task``
+(fast model back, caches flushed). Without a GPU the same rules run on RAM.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ class MemoryGate:
         self.outcomes: dict[str, int] = {}
         self._mean_task_s = 10.0
         self._unloaded_fast = False
+        self._collect_next = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # ---- views ---------------------------------------------------------------------
     @property
@@ -275,8 +277,10 @@ class MemoryGate:
 
     async def post_heavy_task(self) -> None:
         """Flush caches, and bring the fast model back in the background if the gate
-        unloaded it (the response never waits for it)."""
-        await anyio.to_thread.run_sync(flush_gpu_memory)
+        unloaded it. heavy_task runs this after releasing the gate, in the background:
+        the response never waits for it."""
+        collect, self._collect_next = self._collect_next, False
+        await anyio.to_thread.run_sync(flush_gpu_memory, collect)
         # Only when no task took over: the next task's reservation would push the fast
         # model onto a CPU rung; the last task of a queue brings it back.
         if self._unloaded_fast and not self._busy:
@@ -295,6 +299,7 @@ class MemoryGate:
             self._unloaded_fast = self._unloaded_fast or "fast" in out["unloaded"]
             actions.append(f"unloaded all models: {', '.join(out['unloaded'])}")
         await anyio.to_thread.run_sync(flush_gpu_memory)
+        self._collect_next = True  # the retry leaves garbage from the failed run too
         log.warning(
             "Memory gate: OOM during %r; %s", reason, "; ".join(actions) or "nothing to unload"
         )
@@ -348,9 +353,13 @@ class MemoryGate:
         finally:
             self.ledger.release(res)
             # Shielded: a cancelled request must still hand the slot on and clean up.
-            with anyio.CancelScope(shield=True):
-                self._release()
-                try:
-                    await self.post_heavy_task()
-                except Exception:  # noqa: BLE001 - cleanup must not mask the task's outcome
-                    log.exception("post_heavy_task failed")
+            self._release()
+            post = asyncio.create_task(self._post_quietly(), name="edison-post-heavy-task")
+            self._background.add(post)
+            post.add_done_callback(self._background.discard)
+
+    async def _post_quietly(self) -> None:
+        try:
+            await self.post_heavy_task()
+        except Exception:  # noqa: BLE001 - cleanup must not fail anything
+            log.exception("post_heavy_task failed")
