@@ -12,7 +12,6 @@ from fastapi import Depends, Request
 
 from services.chat_proxy import ChatProxy
 from services.generation import JobService
-from services.memory_gate import MemoryGate
 from services.memory_ledger import MemoryLedger
 from services.memory_probe import MemoryProbe
 from services.model_manager import ModelManager
@@ -49,15 +48,10 @@ ModelsDep = Annotated[ModelManager, Depends(get_models)]
 ChatDep = Annotated[ChatProxy, Depends(get_chat)]
 
 
-async def get_gate(request: Request) -> MemoryGate:
-    return request.app.state.gate
-
-
 async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-GateDep = Annotated[MemoryGate, Depends(get_gate)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 
 

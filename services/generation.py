@@ -166,10 +166,6 @@ class JobService:
             job.task.cancel()
         return job
 
-    async def wait(self, job: Job) -> Job:
-        await job.done.wait()
-        return job
-
     async def _run(self, job: Job) -> None:
         t0 = time.perf_counter()
         cfg = self.pipelines.config(job.kind)

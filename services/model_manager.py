@@ -413,11 +413,13 @@ class ModelManager:
     async def use(self, key: str, *, fallback: bool = True) -> AsyncIterator[Resolution]:
         """Resolve a tier and hold it in use: it is not evicted while the block runs
         (evictions wait up to DRAIN_TIMEOUT_S for blocks in flight)."""
-        while True:
+        for _ in range(3):  # a worker may die between the load and this line: load again
             res = await self.resolve(key, fallback=fallback)
             model = res.model
             if model.worker.alive and self.tiers[res.tier].model is model:
                 break
+        else:
+            raise ModelUnavailable(f"The {res.tier} worker kept dying right after loading")
         model.active += 1
         model.idle.clear()
         try:

@@ -130,10 +130,13 @@ class FakeGpuProbe:
     to play the driver. ``lag`` snapshots pass before a change of ``used_mb`` shows.
     """
 
-    def __init__(self, total_mb: float = 12288, used_mb: float = 0) -> None:
+    def __init__(
+        self, total_mb: float = 12288, used_mb: float = 0, budget_mb: float | None = None
+    ) -> None:
         from services.memory_probe import MemoryProbe
 
         self.total_mb = total_mb
+        self.budget_mb = budget_mb
         self._used = used_mb
         self._pending: list[tuple[int, float]] = []
         self.calls = 0
@@ -150,7 +153,7 @@ class FakeGpuProbe:
             self._used = used_mb
 
     def snapshot(self):  # noqa: ANN201
-        from services.memory_probe import GpuMemory, MemorySnapshot
+        from services.memory_probe import GpuMemory, MemorySnapshot, _apply_budget
 
         self.calls += 1
         for due, value in list(self._pending):
@@ -159,8 +162,9 @@ class FakeGpuProbe:
                 self._pending.remove((due, value))
         gpu = GpuMemory(0, "Fake 12GB", self.total_mb, self._used, self.total_mb - self._used)
         ram = self._real.snapshot()
+        gpus = _apply_budget([gpu], self.budget_mb)
         return MemorySnapshot(
-            ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, (gpu,), "fake", time.time()
+            ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, gpus, "fake", time.time()
         )
 
     def process_vram_mb(self, pids):  # noqa: ANN001, ANN201

@@ -118,14 +118,7 @@ async def test_other_reservations_count_against_the_task(make_settings) -> None:
 
 
 async def test_budget_caps_the_card(make_settings) -> None:
-    from services.memory_probe import _apply_budget
-
-    probe = FakeGpuProbe(total_mb=143771, used_mb=1000)
-    real = probe.snapshot
-    probe.snapshot = lambda: real().__class__(  # type: ignore[method-assign]
-        *[getattr(real(), f) for f in ("ram_total_mb", "ram_available_mb", "ram_used_mb")],
-        _apply_budget(real().gpus, 12288), "fake", 0.0,
-    )  # fmt: skip
+    probe = FakeGpuProbe(total_mb=143771, used_mb=1000, budget_mb=12288)
     gate = gate_for(make_settings, probe, ScriptedModels(probe, 0, 0))
     result = await gate.pre_heavy_task(12000, "video")
     assert not result.ok and result.usable_mb == 12288 - 1000 - 1024
