@@ -1,0 +1,1 @@
+"""The FastAPI application: factory, lifespan, dependencies, errors, response models."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     settings = _load(args.config, check_paths=False) if args.config else None
     report = diagnose(settings)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps(dataclasses.asdict(report), indent=2, default=str))
     else:
         from services.doctor import format_report
 
@@ -57,7 +58,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo(args: argparse.Namespace) -> int:
-    from services.demo_assets import make_demo_assets
+    from services.demo.assets import make_demo_assets
 
     made = make_demo_assets(Path(args.out), force=args.force)
     for p in made:

@@ -10,30 +10,23 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from services.chat_proxy import ChatProxy
-from services.generation import JobService
-from services.memory_ledger import MemoryLedger
-from services.memory_probe import MemoryProbe
-from services.model_manager import ModelManager
+from services.generation.jobs import JobService
+from services.generation.registry import PipelineRegistry
+from services.llm.chat import ChatProxy
+from services.llm.manager import ModelManager
+from services.memory.gate import MemoryGate
+from services.memory.placement import Placement
+from services.metrics import Metrics
 from services.settings import Settings
-from services.swarm_safety import SwarmService
+from services.swarm.runner import SwarmService
 
 
 async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-async def get_probe(request: Request) -> MemoryProbe:
-    return request.app.state.probe
-
-
-async def get_ledger(request: Request) -> MemoryLedger:
-    return request.app.state.ledger
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-ProbeDep = Annotated[MemoryProbe, Depends(get_probe)]
-LedgerDep = Annotated[MemoryLedger, Depends(get_ledger)]
+async def get_placement(request: Request) -> Placement:
+    return request.app.state.placement
 
 
 async def get_models(request: Request) -> ModelManager:
@@ -44,19 +37,32 @@ async def get_chat(request: Request) -> ChatProxy:
     return request.app.state.chat
 
 
-ModelsDep = Annotated[ModelManager, Depends(get_models)]
-ChatDep = Annotated[ChatProxy, Depends(get_chat)]
+async def get_gate(request: Request) -> MemoryGate:
+    return request.app.state.gate
+
+
+async def get_pipelines(request: Request) -> PipelineRegistry:
+    return request.app.state.pipelines
 
 
 async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-JobsDep = Annotated[JobService, Depends(get_jobs)]
-
-
 async def get_swarm(request: Request) -> SwarmService:
     return request.app.state.swarm
 
 
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+PlacementDep = Annotated[Placement, Depends(get_placement)]
+ModelsDep = Annotated[ModelManager, Depends(get_models)]
+ChatDep = Annotated[ChatProxy, Depends(get_chat)]
+GateDep = Annotated[MemoryGate, Depends(get_gate)]
+PipelinesDep = Annotated[PipelineRegistry, Depends(get_pipelines)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
 SwarmDep = Annotated[SwarmService, Depends(get_swarm)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

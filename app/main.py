@@ -19,15 +19,17 @@ from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
 from routers import chat, generate, health, jobs, models, swarm, system
-from services.chat_proxy import ChatProxy
-from services.generation import JobService, PipelineRegistry
-from services.memory_gate import MemoryGate
-from services.memory_ledger import MemoryLedger
-from services.memory_probe import MemoryProbe
+from services.generation.jobs import JobService
+from services.generation.registry import PipelineRegistry
+from services.llm.chat import ChatProxy
+from services.llm.manager import ModelManager
+from services.memory.gate import MemoryGate
+from services.memory.ledger import MemoryLedger
+from services.memory.placement import Placement
+from services.memory.probe import MemoryProbe
 from services.metrics import Metrics
-from services.model_manager import ModelManager
-from services.settings import Settings, load_settings
-from services.swarm_safety import SwarmService
+from services.settings import KINDS, Settings, load_settings
+from services.swarm.runner import SwarmService
 
 log = logging.getLogger("edison.app")
 
@@ -55,7 +57,7 @@ async def _startup_work(app: FastAPI) -> None:
             len(snap.gpus),
             snap.ram_available_mb,
         )
-        if any(getattr(settings.generation, k).pipeline for k in ("image", "video", "music")):
+        if any(getattr(settings.generation, k).pipeline for k in KINDS):
             # The first generation would otherwise pay for importing torch and diffusers.
             await to_thread.run_sync(importlib.import_module, "diffusers")
         outcome = await state.models.load_llm_models()
@@ -79,17 +81,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reserve_vram_mb=settings.memory.reserve_vram_mb,
         reserve_ram_mb=settings.memory.reserve_ram_mb,
     )
-    state.models = ModelManager(settings, state.probe, state.ledger, **app.state.manager_options)
+    state.placement = Placement(settings, state.probe, state.ledger)
+    state.models = ModelManager(settings, state.placement, **app.state.manager_options)
     state.chat = ChatProxy(state.models)
-    state.swarm = SwarmService(settings, state.probe, state.ledger, state.models, state.chat)
+    state.swarm = SwarmService(settings, state.placement, state.models, state.chat)
     state.pipelines = PipelineRegistry(settings)
-    state.gate = MemoryGate(
-        settings,
-        state.probe,
-        state.ledger,
-        state.models,
-        unload_pipelines=state.pipelines.unload_idle,
-    )
+    state.gate = MemoryGate(settings, state.placement, state.models, pipelines=state.pipelines)
     state.metrics = Metrics()
     state.jobs = JobService(
         settings, state.gate, state.pipelines, observe=state.metrics.observe_task
@@ -106,9 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         startup.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await startup
-        for job in list(state.jobs.jobs.values()):
-            if not job.done.is_set():
-                state.jobs.cancel(job.id, "server shutting down")
+        state.jobs.cancel_all("server shutting down")
         await state.chat.aclose()
         await state.pipelines.shutdown()
         await state.models.shutdown()

@@ -1,10 +1,19 @@
-"""Response models shown on the docs page. Request models live beside their router."""
+"""Response models shared by several routers. Request models, and response models that
+one router alone answers with, live beside their router.
+
+Routers build these from the services' dataclasses with ``model_validate(obj,
+from_attributes=True)``; ``tests/unit/test_response_models.py`` walks each pair so that
+no figure a service computes is dropped on the way.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from services.generation.jobs import Job
 
 
 class ErrorDetail(BaseModel):
@@ -39,29 +48,88 @@ class DeviceBudgetInfo(BaseModel):
     )
 
 
+class ReservationInfo(BaseModel):
+    id: int
+    device: str
+    owner: str = Field(description="`model:<tier>`, `task:<reason>`.")
+    kind: str = Field(description="model, task or pipeline.")
+    mb: float = Field(description="The estimate, or the measured figure once settled.")
+    settled: bool = Field(description="Whether `mb` was measured (after a load) or estimated.")
+    created_at: float
+
+
 class LoadedModelInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    key: str
+    key: str = Field(description="The tier.")
     path: str
-    n_gpu_layers: int
-    n_ctx: int
-    vram_estimate_mb: float
-    vram_measured_mb: float | None
-    rss_mb: float | None
+    n_gpu_layers: int = Field(description="GPU layers the load really used (the rung's).")
+    n_ctx: int = Field(description="Context the load really used.")
+    vram_estimate_mb: float = Field(description="GGUF-header estimate plus the CUDA context.")
+    vram_measured_mb: float | None = Field(description="NVML's per-process figure (null: no NVML).")
+    rss_mb: float | None = Field(description="Resident memory of the worker process.")
     pid: int
     port: int
-    rung: int
+    rung: int = Field(description="Index of the ladder rung that loaded.")
     loaded_at: float
     last_used_at: float
     heavy: bool
+    device: str
+    ram_estimate_mb: float
+    ready_ms: float = Field(description="Worker start to ready.")
+    active: int = Field(description="Requests in flight on the model.")
+
+
+class GateDecisionInfo(BaseModel):
+    ok: bool
+    reason: str = Field(description="The task, e.g. `image: a lighthouse`.")
+    device: str
+    required_mb: float
+    usable_mb: float = Field(description="Usable at the last check.")
+    freed_mb: float = Field(description="Driver-free memory gained while making room, measured.")
+    waited_ms: float
+    actions: list[str] = Field(description="What was unloaded, in order.")
+    budget: DeviceBudgetInfo = Field(description="The figures of the last check.")
+    at: float = Field(description="Unix time of the decision.")
+
+
+class HeavyTaskInfo(BaseModel):
+    reason: str
+    kind: str | None
+    device: str
+    required_mb: float
+    queued_ms: float
+    decision: GateDecisionInfo
+    started_at: float
+    running_s: float
 
 
 class GateInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
     state: str = Field(description="`idle` or `busy`.", examples=["idle"])
-    current: dict[str, Any] | None = Field(None, description="The running heavy task.")
+    current: HeavyTaskInfo | None = Field(None, description="The running heavy task.")
     queue_length: int = 0
-    last_decisions: list[dict[str, Any]] = Field(default_factory=list)
+    max_waiting: int = Field(description="`queue.max_waiting`: more waiting answer 503.")
+    outcomes: dict[str, int] = Field(
+        default_factory=dict, description="Decisions since start: ok, refused, queue_full, ..."
+    )
+    last_decisions: list[GateDecisionInfo] = Field(default_factory=list)
+
+
+class PipelineInfoOut(BaseModel):
+    kind: str = Field(examples=["image"])
+    folder: str | None
+    loaded: bool
+    running: bool = Field(description="A run holds the pipeline now.")
+    device: str
+    dtype: str | None = Field(description="Weights' dtype while loaded.", examples=["float16"])
+    class_name: str | None
+    savers: bool | None = Field(
+        description="Memory savers (CPU offload, VAE slicing/tiling) on; null: unknown."
+    )
+    weights_mb: float | None = Field(description="Parameters and buffers held, measured.")
+    loads: int = Field(description="Loads since start.")
+    last_used_at: float
+    load_error: str | None
+    sample_rate: int | None = Field(None, description="Music: output sample rate.")
+    max_duration_s: float | None = Field(None, description="Music: the longest clip.")
 
 
 class SystemMemory(BaseModel):
@@ -78,10 +146,13 @@ class SystemMemory(BaseModel):
     timestamp: float = Field(description="Unix time of the snapshot.")
     probe_ms: float = Field(description="How long the probe took.")
     device: DeviceBudgetInfo = Field(description="The figures the gate and loader decide on.")
-    reservations: list[dict[str, Any]] = Field(description="The memory ledger's entries.")
+    reservations: list[ReservationInfo] = Field(description="The memory ledger's entries.")
     loaded_models: list[LoadedModelInfo]
     heavy_slot: str | None = Field(description="Key of the heavy model loaded, if any.")
     gate: GateInfo
+    pipelines: list[PipelineInfoOut] = Field(
+        description="Generation pipelines Edison has hosted: loaded or not, what they hold."
+    )
 
 
 class Health(BaseModel):
@@ -91,3 +162,81 @@ class Health(BaseModel):
 class Ready(BaseModel):
     ready: bool
     detail: str = ""
+
+
+class OutputInfo(BaseModel):
+    url: str = Field(description="Where to fetch the file: GET /outputs/{name}.")
+    name: str
+    media_type: str = Field(examples=["image/png"])
+    width: int | None = Field(None, description="Image and video: pixels.")
+    height: int | None = Field(None, description="Image and video: pixels.")
+    frames: int | None = Field(None, description="Video: frames in the file.")
+    fps: int | None = Field(None, description="Video: frames per second.")
+    duration_s: float | None = Field(None, description="Video and music: seconds.")
+    sample_rate: int | None = Field(None, description="Music: samples per second.")
+    channels: int | None = Field(None, description="Music: audio channels.")
+
+
+class JobProgressInfo(BaseModel):
+    done: int = Field(description="Steps done.")
+    total: int = Field(description="Steps in all.")
+
+
+class JobTimingsInfo(BaseModel):
+    queued: float | None = Field(None, description="Waiting for the gate, ms.")
+    load: float | None = Field(None, description="Loading the pipeline, ms (0: it was loaded).")
+    run: float | None = Field(None, description="Running the pipeline, ms.")
+    total: float | None = Field(None, description="Request to done, ms.")
+
+
+class GenerationParamsInfo(BaseModel):
+    prompt: str
+    negative_prompt: str | None
+    steps: int | None = Field(description="Denoising steps (the config's default filled in).")
+    guidance_scale: float | None
+    seed: int | None = Field(description="As asked (null: Edison picks one; see the job's seed).")
+    width: int | None
+    height: int | None
+    num_images: int
+    num_frames: int | None
+    fps: int
+    video_format: str
+    duration_s: float | None
+
+
+class JobView(BaseModel):
+    job_id: str
+    kind: str
+    params: GenerationParamsInfo = Field(description="What the request asked for.")
+    status: str = Field(description="queued, running, succeeded, failed or cancelled.")
+    progress: JobProgressInfo
+    outputs: list[OutputInfo]
+    seed: int | None = Field(description="The seed used (reported when the request gave none).")
+    gate: GateDecisionInfo | None = Field(description="How the gate made room for the job.")
+    timings_ms: JobTimingsInfo
+    error: ErrorDetail | None = Field(description="Why it failed or was cancelled.")
+    created_at: float
+    finished_at: float | None
+
+
+def job_view(job: Job) -> JobView:
+    """A generation job as the API shows it (the error in the common error shape)."""
+    error = job.error
+    return JobView(
+        job_id=job.id,
+        kind=job.kind,
+        params=GenerationParamsInfo.model_validate(job.params, from_attributes=True),
+        status=job.status,
+        progress=JobProgressInfo.model_validate(job.progress, from_attributes=True),
+        outputs=[OutputInfo.model_validate(o, from_attributes=True) for o in job.outputs],
+        seed=job.seed,
+        gate=None
+        if job.gate is None
+        else GateDecisionInfo.model_validate(job.gate, from_attributes=True),
+        timings_ms=JobTimingsInfo.model_validate(job.timings_ms, from_attributes=True),
+        error=None
+        if error is None
+        else ErrorDetail(code=error.code, message=error.message, **error.details),
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+    )

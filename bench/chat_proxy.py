@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import ServerProcess, free_port, pct  # noqa: E402
 
-from services.tiny_gguf import TinyShape, write_tiny_gguf  # noqa: E402
+from services.demo.tiny_gguf import TinyShape, write_tiny_gguf  # noqa: E402
 
 N_CTX = 2048
 PROMPTS = [

@@ -37,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _util import ServerProcess  # noqa: E402
 
-from services.memory_gate import MemoryGate  # noqa: E402
-from services.memory_ledger import MemoryLedger  # noqa: E402
-from services.memory_probe import MemoryProbe  # noqa: E402
-from services.model_manager import ModelManager  # noqa: E402
+from services.llm.manager import ModelManager  # noqa: E402
+from services.memory.gate import MemoryGate  # noqa: E402
+from services.memory.ledger import MemoryLedger  # noqa: E402
+from services.memory.placement import Placement  # noqa: E402
+from services.memory.probe import MemoryProbe  # noqa: E402
 from services.settings import Settings  # noqa: E402
 
 PROMPT = "a cat and a dog at sunset in the city"
@@ -62,8 +63,8 @@ def gate_micro(seconds: float, max_iterations: int) -> tuple[dict[str, list[floa
     settings = Settings(memory={"reserve_ram_mb": 256})
     probe = MemoryProbe(timeout_s=settings.memory.probe_timeout_s)
     ledger = MemoryLedger(reserve_vram_mb=1024, reserve_ram_mb=256)
-    models = ModelManager(settings, probe, ledger)
-    gate = MemoryGate(settings, probe, ledger, models)
+    placement = Placement(settings, probe, ledger)
+    gate = MemoryGate(settings, placement, ModelManager(settings, placement))
     out: dict[str, list[float]] = {
         "pre+post": [],
         "pre": [],
@@ -88,7 +89,7 @@ def gate_micro(seconds: float, max_iterations: int) -> tuple[dict[str, list[floa
                 await gate.post_heavy_task()
                 t2 = time.perf_counter()
                 if not r.ok:
-                    raise RuntimeError(f"the gate refused: {r.error}")
+                    raise RuntimeError(f"the gate refused: {r.actions}, {r.usable_mb} MB usable")
                 out["pre+post"].append((t2 - t0) * 1e6)
                 out["pre"].append((t1 - t0) * 1e6)
                 out["post"].append((t2 - t1) * 1e6)
@@ -180,7 +181,7 @@ def main() -> None:
     import torch
     from diffusers import DiffusionPipeline
 
-    from services.tiny_pipelines import write_tiny_pipeline
+    from services.demo.tiny_pipelines import write_tiny_pipeline
 
     with tempfile.TemporaryDirectory(prefix="edison-bench-gate-") as tmp:
         tmpdir = Path(tmp)

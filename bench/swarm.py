@@ -23,21 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.chat_proxy import ChatProxy  # noqa: E402
-from services.demo_assets import DEMO_TIERS  # noqa: E402
-from services.memory_ledger import MemoryLedger, device_name  # noqa: E402
-from services.memory_probe import MemoryProbe  # noqa: E402
-from services.model_manager import ModelManager  # noqa: E402
+from services.demo.assets import DEMO_TIERS  # noqa: E402
+from services.demo.tiny_gguf import write_tiny_gguf  # noqa: E402
+from services.llm.chat import ChatProxy  # noqa: E402
+from services.llm.manager import ModelManager  # noqa: E402
+from services.memory.ledger import MemoryLedger  # noqa: E402
+from services.memory.placement import Placement  # noqa: E402
+from services.memory.probe import MemoryProbe  # noqa: E402
 from services.settings import Settings  # noqa: E402
-from services.swarm_safety import (  # noqa: E402
-    TIME_SLICE,
-    Agent,
-    AgentGroup,
-    SwarmRun,
-    SwarmService,
-    _Swarm,
-)
-from services.tiny_gguf import write_tiny_gguf  # noqa: E402
+from services.swarm.policy import TIME_SLICE, Agent, AgentGroup  # noqa: E402
+from services.swarm.runner import SwarmRun, SwarmService, _Swarm  # noqa: E402
 
 AGENTS = [Agent("m1", "", "medium"), Agent("d1", "", "deep")]
 AGENTS += [Agent("m2", "", "medium"), Agent("d2", "", "deep")]
@@ -56,25 +51,24 @@ def settings_for(models: Path) -> Settings:
 
 
 def build(settings: Settings) -> tuple[ModelManager, ChatProxy, SwarmService]:
-    probe = MemoryProbe(timeout_s=5)
     ledger = MemoryLedger(reserve_vram_mb=0, reserve_ram_mb=0)
-    manager = ModelManager(settings, probe, ledger)
+    placement = Placement(settings, MemoryProbe(timeout_s=5), ledger)
+    manager = ModelManager(settings, placement)
     chat = ChatProxy(manager)
-    return manager, chat, SwarmService(settings, probe, ledger, manager, chat)
+    return manager, chat, SwarmService(settings, placement, manager, chat)
 
 
 async def time_sliced(settings: Settings, run: SwarmRun) -> tuple[int, float]:
     manager, chat, service = build(settings)
     # Force time_slice from the figure the policy reads: usable in [threshold, 2 x threshold].
-    snap = manager.probe.snapshot()
-    usable = manager.ledger.budget(snap, device_name(snap, 0)).usable_mb
+    usable = manager.placement.view_of(manager.probe.snapshot()).budget.usable_mb
     settings.swarm.degraded_threshold_mb = int(usable / 1.5)
     try:
         t0 = time.perf_counter()
         out = await service.run(run)
         wall = time.perf_counter() - t0
-        assert out["policy"]["mode"] == TIME_SLICE, out["policy"]
-        assert all(r["tier"] == r["model"] for r in out["responses"])
+        assert out.policy.mode == TIME_SLICE, out.policy
+        assert all(r.tier == r.model for r in out.responses)
         return manager.loads_total(), wall
     finally:
         await manager.unload_all()
@@ -94,8 +88,8 @@ async def naive(settings: Settings, run: SwarmRun) -> tuple[int, float]:
             out = []
             for a in run.agents:
                 out += await service._run_group(s, AgentGroup(a.model, [a]), round_no, previous)
-            previous = {r["agent"]: r["content"] for r in out if r["content"] is not None}
-            assert all(r["tier"] == r["model"] for r in out)
+            previous = {r.agent: r.content for r in out if r.content is not None}
+            assert all(r.tier == r.model for r in out)
         return manager.loads_total(), time.perf_counter() - t0
     finally:
         await manager.unload_all()

@@ -1,0 +1,1 @@
+"""One router per file, thin: parse the request, call a service, translate its result."""

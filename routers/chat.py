@@ -21,6 +21,17 @@ class ChatMessage(BaseModel):
     )
 
 
+class EdisonRouting(BaseModel):
+    """The `edison` field of a chat answer: which tier answered, and why."""
+
+    tier: str = Field(description="The tier that answered.")
+    requested: str = Field(description="The `model` the request asked for.")
+    route: str = Field(description="Why that tier was asked (auto, images, ...).")
+    fallback_reason: str | None = Field(
+        None, description="Why another tier answered than the one asked for."
+    )
+
+
 class ChatRequest(BaseModel):
     """OpenAI chat request; other OpenAI fields (temperature, stop, ...) pass through."""
 
@@ -54,11 +65,13 @@ async def chat_completions(req: ChatRequest, chat: ChatDep) -> Any:
     body = req.model_dump(exclude_unset=True, exclude_none=True)
     body.setdefault("model", "auto")
     if req.stream:
-        meta, chunks = await chat.stream(body)
+        opened = await chat.stream(body)
         return StreamingResponse(
-            chunks,
+            opened.chunks,
             media_type="text/event-stream",
-            headers={"X-Edison-Tier": meta["tier"], "Cache-Control": "no-cache"},
+            headers={"X-Edison-Tier": opened.routing.tier, "Cache-Control": "no-cache"},
         )
-    data, meta = await chat.complete(body)
-    return JSONResponse(data, headers={"X-Edison-Tier": meta["tier"]})
+    done = await chat.complete(body)
+    edison = EdisonRouting.model_validate(done.routing, from_attributes=True)
+    data = {**done.body, "edison": edison.model_dump(exclude_none=True)}
+    return JSONResponse(data, headers={"X-Edison-Tier": done.routing.tier})

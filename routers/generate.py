@@ -13,12 +13,10 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.deps import JobsDep, SettingsDep
-from app.schemas import ErrorBody
-from services.errors import InvalidRequest
-from services.generation import Job, JobService
-from services.pipelines import GenerationParams
-from services.settings import Settings
+from app.deps import JobsDep
+from app.schemas import ErrorBody, JobView, job_view
+from services.generation.jobs import Job, JobService
+from services.generation.params import GenerationParams
 
 router = APIRouter(tags=["generation"])
 
@@ -104,23 +102,6 @@ class MusicRequest(_Common):
     duration_s: float = Field(10.0, gt=0, le=600, description="Seconds (maximum from config).")
 
 
-class OutputInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    url: str = Field(description="Where to fetch the file: GET /outputs/{name}.")
-    name: str
-    media_type: str = Field(examples=["image/png"])
-
-
-class GenerationResponse(BaseModel):
-    job_id: str
-    status: str = Field(description="queued, running, succeeded, failed or cancelled.")
-    outputs: list[OutputInfo]
-    seed: int | None
-    gate: dict[str, Any] | None = Field(description="ok, freed_mb, waited_ms, actions, ...")
-    timings_ms: dict[str, float] = Field(description="queued, load, run, total.")
-    progress: dict[str, int]
-
-
 class Accepted(BaseModel):
     job_id: str
     status_url: str
@@ -135,26 +116,20 @@ PreferHeader = Annotated[
 ]
 
 
-def _check(field: str, ok: bool, message: str) -> None:
-    if not ok:
-        raise InvalidRequest(field, message)
-
-
 async def _submit(
     request: Request, jobs: JobService, kind: str, params: GenerationParams, prefer: str | None
-) -> Any:
-    job = jobs.submit(kind, params)
+) -> JobView | JSONResponse:
+    job = jobs.submit(kind, params)  # checks the config's limits: 422 naming the field
     if prefer and "respond-async" in prefer.lower():
         return JSONResponse(
-            {"job_id": job.id, "status_url": f"/jobs/{job.id}"},
+            Accepted(job_id=job.id, status_url=f"/jobs/{job.id}").model_dump(),
             status_code=202,
             headers={"Location": f"/jobs/{job.id}"},
         )
     await _wait_or_cancel(request, jobs, job)
     if job.exc is not None:
         raise job.exc
-    body = job.to_dict()
-    return {k: body[k] for k in GenerationResponse.model_fields}
+    return job_view(job)
 
 
 async def _wait_or_cancel(request: Request, jobs: JobService, job: Job) -> None:
@@ -173,43 +148,18 @@ async def _wait_or_cancel(request: Request, jobs: JobService, job: Job) -> None:
         tg.cancel_scope.cancel()
 
 
-def _params(kind: str, req: _Common, settings: Settings, jobs: JobService) -> GenerationParams:
-    """Check the request against the config's limits (422 naming the field) and build the
-    pipeline arguments: the request fields carry GenerationParams' own names."""
-    cfg = getattr(settings.generation, kind)
-    steps = req.steps or cfg.default_steps
-    _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
+def _params(req: _Common) -> GenerationParams:
+    """The pipeline arguments: the request fields carry GenerationParams' own names
+    (``format`` is ``video_format`` there)."""
     data = req.model_dump()
-    if "width" in data:
-        _check(
-            "width",
-            req.width * req.height <= cfg.max_pixels,
-            f"width x height must be at most {cfg.max_pixels} pixels",
-        )
-    for field, limit in (
-        ("num_images", "max_images"),
-        ("num_frames", "max_frames"),
-        ("duration_s", "max_duration_s"),
-    ):
-        if field in data:
-            most = getattr(cfg, limit)
-            _check(field, data[field] <= most, f"must be at most {most:g}")
-    if kind == "music" and (host := jobs.pipelines.hosts.get("music")) and host.loaded:
-        longest = host.describe().get("max_duration_s")
-        if longest:
-            _check(
-                "duration_s",
-                req.duration_s <= longest,
-                f"the pipeline's longest clip is {longest:g} s",
-            )
     if "format" in data:
         data["video_format"] = data.pop("format")
-    return GenerationParams(**{**data, "steps": steps})
+    return GenerationParams(**data)
 
 
 @router.post(
     "/generate-image",
-    response_model=GenerationResponse,
+    response_model=JobView,
     responses=RESPONSES,
     summary="Text to image (PNG), behind the memory gate",
 )
@@ -217,16 +167,14 @@ async def generate_image(
     req: ImageRequest,
     request: Request,
     jobs: JobsDep,
-    settings: SettingsDep,
     prefer: PreferHeader = None,
-) -> Any:
-    params = _params("image", req, settings, jobs)
-    return await _submit(request, jobs, "image", params, prefer)
+) -> JobView | JSONResponse:
+    return await _submit(request, jobs, "image", _params(req), prefer)
 
 
 @router.post(
     "/generate-video",
-    response_model=GenerationResponse,
+    response_model=JobView,
     responses=RESPONSES,
     summary="Text to video (MP4, or GIF on request), behind the memory gate",
 )
@@ -234,16 +182,14 @@ async def generate_video(
     req: VideoRequest,
     request: Request,
     jobs: JobsDep,
-    settings: SettingsDep,
     prefer: PreferHeader = None,
-) -> Any:
-    params = _params("video", req, settings, jobs)
-    return await _submit(request, jobs, "video", params, prefer)
+) -> JobView | JSONResponse:
+    return await _submit(request, jobs, "video", _params(req), prefer)
 
 
 @router.post(
     "/generate-music",
-    response_model=GenerationResponse,
+    response_model=JobView,
     responses=RESPONSES,
     summary="Text to audio (WAV at the pipeline's sample rate), behind the memory gate",
 )
@@ -251,8 +197,6 @@ async def generate_music(
     req: MusicRequest,
     request: Request,
     jobs: JobsDep,
-    settings: SettingsDep,
     prefer: PreferHeader = None,
-) -> Any:
-    params = _params("music", req, settings, jobs)
-    return await _submit(request, jobs, "music", params, prefer)
+) -> JobView | JSONResponse:
+    return await _submit(request, jobs, "music", _params(req), prefer)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
 
 from app.deps import JobsDep, SettingsDep
+from app.schemas import JobView, job_view
 from services.errors import NotFound
 
 router = APIRouter(tags=["jobs"])
@@ -17,25 +16,11 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}$")
 MEDIA = {".png": "image/png", ".mp4": "video/mp4", ".gif": "image/gif", ".wav": "audio/wav"}
 
 
-class JobView(BaseModel):
-    job_id: str
-    kind: str
-    status: str = Field(description="queued, running, succeeded, failed or cancelled.")
-    progress: dict[str, int] = Field(description="Steps done out of total.")
-    outputs: list[dict[str, Any]]
-    seed: int | None
-    gate: dict[str, Any] | None
-    timings_ms: dict[str, float]
-    error: dict[str, Any] | None
-    created_at: float
-    finished_at: float | None
-
-
 @router.get(
     "/jobs/{job_id}", response_model=JobView, summary="A job's status, progress and outputs"
 )
-async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    return jobs.get(job_id).to_dict()
+async def get_job(job_id: str, jobs: JobsDep) -> JobView:
+    return job_view(jobs.get(job_id))
 
 
 @router.delete(
@@ -43,8 +28,8 @@ async def get_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     response_model=JobView,
     summary="Cancel a queued job, or a running one at its next step",
 )
-async def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
-    return jobs.cancel(job_id).to_dict()
+async def cancel_job(job_id: str, jobs: JobsDep) -> JobView:
+    return job_view(jobs.cancel(job_id))
 
 
 @router.get("/outputs/{name}", summary="A generated file", response_class=FileResponse)

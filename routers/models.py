@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.deps import ModelsDep
+from app.schemas import LoadedModelInfo
 
 router = APIRouter(tags=["models"])
 
@@ -25,10 +24,21 @@ class OpenAIModelList(BaseModel):
     data: list[OpenAIModel]
 
 
+class LoadAttemptInfo(BaseModel):
+    rung: int = Field(description="Ladder index; -1: the file failed before any rung.")
+    n_gpu_layers: int
+    n_ctx: int
+    estimate_mb: float = Field(description="What the rung was estimated to need.")
+    ok: bool
+    reason: str = Field(description="`ready`, or why the attempt failed.")
+    ms: float
+    at: float
+
+
 class TierInfo(BaseModel):
     tier: str
     heavy: bool
-    status: str
+    status: str = Field(description="unloaded, loading, loaded, unloading or failed.")
     path: str
     n_gpu_layers: int = Field(description="Configured GPU layers (-1: all).")
     n_ctx: int = Field(description="Configured context.")
@@ -36,8 +46,8 @@ class TierInfo(BaseModel):
     alias_of: str | None = Field(description="Tier whose worker serves this one (same file).")
     last_error: str | None
     loads: int = Field(description="Successful loads since start.")
-    attempts: list[dict[str, Any]] = Field(description="Rungs tried by the last load.")
-    loaded: dict[str, Any] | None = Field(description="The LoadedModel when loaded.")
+    attempts: list[LoadAttemptInfo] = Field(description="Rungs tried by the last load.")
+    loaded: LoadedModelInfo | None = Field(description="The running model when loaded.")
     fallbacks: list[str] = Field(description="Tiers that answer when this one cannot.")
 
 
@@ -46,39 +56,41 @@ class ModelsView(BaseModel):
     tiers: list[TierInfo]
 
 
-class UnloadResult(BaseModel):
+class UnloadResultOut(BaseModel):
     unloaded: list[str] = Field(description="Tiers unloaded.")
     freed_mb: float = Field(description="Free memory gained on the device, measured.")
     held_mb: float = Field(description="What the ledger held for them.")
 
 
 @router.get("/v1/models", response_model=OpenAIModelList, summary="Tiers, OpenAI style")
-async def openai_models(models: ModelsDep) -> dict[str, Any]:
-    data = [
-        {"id": "auto", "status": "loaded" if models.loaded_info() else "unloaded", "heavy": False}
-    ]
-    data += [{"id": t.name, "status": t.status, "heavy": t.heavy} for t in models.tiers.values()]
-    return {"object": "list", "data": data}
+async def openai_models(models: ModelsDep) -> OpenAIModelList:
+    auto = "loaded" if models.loaded_models() else "unloaded"
+    data = [OpenAIModel(id="auto", status=auto, heavy=False)]
+    data += [OpenAIModel(id=t.tier, status=t.status, heavy=t.heavy) for t in models.describe()]
+    return OpenAIModelList(data=data)
 
 
 @router.get(
     "/models", response_model=ModelsView, summary="Every tier with its state and load history"
 )
-async def list_models(models: ModelsDep) -> dict[str, Any]:
-    return {"heavy_slot": models.heavy_slot, "tiers": models.describe()}
+async def list_models(models: ModelsDep) -> ModelsView:
+    tiers = [TierInfo.model_validate(t, from_attributes=True) for t in models.describe()]
+    return ModelsView(heavy_slot=models.heavy_slot, tiers=tiers)
 
 
-@router.post("/models/unload-all", response_model=UnloadResult, summary="End every worker")
-async def unload_all(models: ModelsDep) -> dict[str, Any]:
-    return await models.unload_all(reason="operator")
+@router.post("/models/unload-all", response_model=UnloadResultOut, summary="End every worker")
+async def unload_all(models: ModelsDep) -> UnloadResultOut:
+    out = await models.unload_all(reason="operator")
+    return UnloadResultOut.model_validate(out, from_attributes=True)
 
 
 @router.post("/models/{key}/load", response_model=TierInfo, summary="Load a tier now")
-async def load(key: str, models: ModelsDep) -> dict[str, Any]:
+async def load(key: str, models: ModelsDep) -> TierInfo:
     await models.load(key, reason="operator")
-    return models.tiers[key].to_dict()
+    return TierInfo.model_validate(models.tier_view(key), from_attributes=True)
 
 
-@router.post("/models/{key}/unload", response_model=UnloadResult, summary="Unload a tier now")
-async def unload(key: str, models: ModelsDep) -> dict[str, Any]:
-    return await models.unload(key, reason="operator")
+@router.post("/models/{key}/unload", response_model=UnloadResultOut, summary="Unload a tier now")
+async def unload(key: str, models: ModelsDep) -> UnloadResultOut:
+    out = await models.unload(key, reason="operator")
+    return UnloadResultOut.model_validate(out, from_attributes=True)

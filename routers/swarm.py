@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.deps import SwarmDep
-from services.swarm_safety import Agent, SwarmRun
+from services.swarm.policy import Agent
+from services.swarm.runner import SwarmRun
 
 router = APIRouter(tags=["swarm"])
 
@@ -80,7 +81,12 @@ class GroupOut(BaseModel):
     agents: list[str]
 
 
-class AgentAnswer(BaseModel):
+class AgentErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class AgentAnswerOut(BaseModel):
     agent: str
     model: str = Field(description="The tier the agent asked for.")
     tier: str | None = Field(description="The tier that answered (null: none could).")
@@ -89,7 +95,7 @@ class AgentAnswer(BaseModel):
     fallback_reason: str | None = Field(
         None, description="Why another tier answered (degraded mode, vision, a failed load)."
     )
-    error: dict[str, Any] | None = Field(None, description="Why this agent has no answer.")
+    error: AgentErrorOut | None = Field(None, description="Why this agent has no answer.")
     peers_shown: int = Field(
         0, description="Other agents' previous answers this agent saw (cut to fit its context)."
     )
@@ -100,7 +106,7 @@ class SynthesisOut(BaseModel):
     tier: str | None
     content: str | None
     fallback_reason: str | None = None
-    error: dict[str, Any] | None = None
+    error: AgentErrorOut | None = None
 
 
 class RoundOut(BaseModel):
@@ -110,13 +116,20 @@ class RoundOut(BaseModel):
     loads: int = Field(description="Model loads the manager recorded during the round.")
 
 
+class TimingsOut(BaseModel):
+    policy: float = Field(description="Deciding the policy, ms.")
+    rounds: list[float] = Field(description="Each round, ms.")
+    synthesis: float | None = Field(description="The synthesis, ms (null: none asked).")
+    total: float
+
+
 class SwarmResponse(BaseModel):
     policy: PolicyOut
     groups: list[GroupOut]
-    responses: list[AgentAnswer]
+    responses: list[AgentAnswerOut]
     synthesis: SynthesisOut | None
     schedule: list[RoundOut]
-    timings_ms: dict[str, Any]
+    timings_ms: TimingsOut
 
 
 @router.post(
@@ -126,7 +139,7 @@ class SwarmResponse(BaseModel):
     "after another; degraded: all on `swarm.fallback_tier`. `policy` says which and why.",
     response_model=SwarmResponse,
 )
-async def swarm(req: SwarmRequest, service: SwarmDep) -> dict[str, Any]:
+async def swarm(req: SwarmRequest, service: SwarmDep) -> SwarmResponse:
     run = SwarmRun(
         prompt=req.prompt,
         agents=[Agent(a.name, a.role, a.model) for a in req.agents],
@@ -135,4 +148,5 @@ async def swarm(req: SwarmRequest, service: SwarmDep) -> dict[str, Any]:
         images=req.images,
         max_tokens=req.max_tokens,
     )
-    return await service.run(run)
+    result = await service.run(run)
+    return SwarmResponse.model_validate(result, from_attributes=True)

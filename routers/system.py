@@ -1,15 +1,14 @@
-"""GET /system/memory: the snapshot, the ledger and what is loaded, in one answer."""
+"""GET /system/memory and /metrics: the snapshot, the ledger and what holds memory."""
 
 from __future__ import annotations
 
-from anyio import to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.deps import LedgerDep, ProbeDep, SettingsDep
+from app.deps import GateDep, MetricsDep, ModelsDep, PipelinesDep, PlacementDep
 from app.schemas import SystemMemory
-from services.memory_ledger import device_name
+from services.memory.report import memory_report
 
 router = APIRouter(tags=["system"])
 
@@ -17,26 +16,13 @@ router = APIRouter(tags=["system"])
 @router.get(
     "/system/memory",
     response_model=SystemMemory,
-    summary="RAM, VRAM per GPU, loaded models, heavy slot and gate state",
+    summary="RAM, VRAM per GPU, loaded models and pipelines, heavy slot and gate state",
 )
 async def system_memory(
-    request: Request, probe: ProbeDep, ledger: LedgerDep, settings: SettingsDep
-) -> dict:
-    # Why a thread: NVML or nvidia-smi may block; the event loop must keep serving.
-    snap = await to_thread.run_sync(probe.snapshot)
-    device = device_name(snap, settings.memory.device)
-    state = request.app.state
-    models = getattr(state, "models", None)
-    gate = getattr(state, "gate", None)
-    return {
-        **snap.to_dict(),
-        "device": ledger.budget(snap, device).to_dict(),
-        "reservations": [r.to_dict() for r in ledger.entries()],
-        "loaded_models": models.loaded_info() if models else [],
-        "heavy_slot": models.heavy_slot if models else None,
-        "gate": gate.describe() if gate else {"state": "idle", "queue_length": 0},
-        "pipelines": state.pipelines.describe() if hasattr(state, "pipelines") else [],
-    }
+    placement: PlacementDep, models: ModelsDep, gate: GateDep, pipelines: PipelinesDep
+) -> SystemMemory:
+    report = await memory_report(placement, models, gate, pipelines)
+    return SystemMemory.model_validate(report, from_attributes=True)
 
 
 @router.get(
@@ -44,8 +30,9 @@ async def system_memory(
     summary="Prometheus metrics: memory per device, models, gate decisions, queue, task durations",
     response_class=PlainTextResponse,
 )
-async def metrics(request: Request, probe: ProbeDep, ledger: LedgerDep) -> PlainTextResponse:
-    snap = await to_thread.run_sync(probe.snapshot)
-    state = request.app.state
-    body = state.metrics.render(snap, ledger, state.models, state.gate)
+async def metrics(
+    placement: PlacementDep, models: ModelsDep, gate: GateDep, metrics: MetricsDep
+) -> PlainTextResponse:
+    view = await placement.view()
+    body = metrics.render(view.snapshot, placement.ledger, models, gate)
     return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

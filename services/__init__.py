@@ -1,0 +1,1 @@
+"""Framework-free core: no module here imports FastAPI."""

@@ -2,42 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Any
+from dataclasses import dataclass, field
 
-from services.memory_probe import MemoryProbe
+from services.memory.probe import MemoryProbe, MemorySnapshot, ProbeReport
 from services.settings import Settings
 
 
-def _torch_info() -> dict[str, Any]:
+@dataclass(frozen=True)
+class TorchInfo:
+    installed: bool
+    version: str | None = None
+    cuda_build: str | None = None  # the CUDA version torch was built for; None: a CPU build
+    cuda_available: bool = False
+    devices: list[str] = field(default_factory=list)
+    reason: str | None = None  # why it is not installed
+
+
+@dataclass(frozen=True)
+class LlamaCppInfo:
+    installed: bool
+    version: str | None = None
+    gpu_offload: bool = False  # built with a GPU backend (CUDA, ...)
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    snapshot: MemorySnapshot
+    probe: ProbeReport
+    torch: TorchInfo
+    llama_cpp: LlamaCppInfo
+
+
+def _torch_info() -> TorchInfo:
     try:
         import torch
     except ImportError as exc:
-        return {"installed": False, "reason": str(exc)}
-    info: dict[str, Any] = {
-        "installed": True,
-        "version": torch.__version__,
-        "cuda_build": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if info["cuda_available"]:
-        info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
+        return TorchInfo(False, reason=str(exc))
+    available = torch.cuda.is_available()
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if available
+        else []
+    )
+    return TorchInfo(True, torch.__version__, torch.version.cuda, available, devices)
 
 
-def _llama_info() -> dict[str, Any]:
+def _llama_info() -> LlamaCppInfo:
     try:
         import llama_cpp
     except ImportError as exc:
-        return {"installed": False, "reason": str(exc)}
-    return {
-        "installed": True,
-        "version": llama_cpp.__version__,
-        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-    }
+        return LlamaCppInfo(False, reason=str(exc))
+    return LlamaCppInfo(True, llama_cpp.__version__, bool(llama_cpp.llama_supports_gpu_offload()))
 
 
-def diagnose(settings: Settings | None = None) -> dict[str, Any]:
+def diagnose(settings: Settings | None = None) -> DoctorReport:
     settings = settings or Settings()
     probe = MemoryProbe(
         timeout_s=settings.memory.probe_timeout_s, vram_budget_mb=settings.memory.vram_budget_mb
@@ -46,44 +65,34 @@ def diagnose(settings: Settings | None = None) -> dict[str, Any]:
         snap = probe.snapshot()
     finally:
         probe.shutdown()
-    return {
-        "snapshot": snap.to_dict(),
-        "probe": {
-            "answered": probe.report.answered,
-            "steps": {k: asdict(v) for k, v in probe.report.steps.items()},
-        },
-        "torch": _torch_info(),
-        "llama_cpp": _llama_info(),
-    }
+    return DoctorReport(snap, probe.report, _torch_info(), _llama_info())
 
 
-def format_report(report: dict[str, Any]) -> str:
-    snap = report["snapshot"]
+def format_report(report: DoctorReport) -> str:
+    snap = report.snapshot
     lines = [
-        f"RAM: {snap['ram_available_mb']:.0f} MB available of {snap['ram_total_mb']:.0f} MB",
-        f"VRAM source: {snap['vram_source']}",
+        f"RAM: {snap.ram_available_mb:.0f} MB available of {snap.ram_total_mb:.0f} MB",
+        f"VRAM source: {snap.vram_source}",
     ]
-    for g in snap["gpus"]:
-        lines.append(
-            f"  GPU {g['index']} {g['name']}: {g['free_mb']:.0f} MB free of {g['total_mb']:.0f} MB"
-        )
-    if not snap["gpus"]:
+    for g in snap.gpus:
+        lines.append(f"  GPU {g.index} {g.name}: {g.free_mb:.0f} MB free of {g.total_mb:.0f} MB")
+    if not snap.gpus:
         lines.append("  no GPU: models and pipelines run on the CPU")
     lines.append("Probe ladder:")
-    for name, step in report["probe"]["steps"].items():
-        state = {True: "answered", False: "failed", None: "not tried"}[step["ok"]]
-        lines.append(f"  {name:<11} {state:<9} {step['ms']:7.1f} ms  {step['reason']}")
-    t = report["torch"]
-    if t["installed"]:
+    for name, step in report.probe.steps.items():
+        state = {True: "answered", False: "failed", None: "not tried"}[step.ok]
+        lines.append(f"  {name:<11} {state:<9} {step.ms:7.1f} ms  {step.reason}")
+    t = report.torch
+    if t.installed:
         lines.append(
-            f"torch {t['version']}: CUDA build {t['cuda_build'] or 'none'}, "
-            f"CUDA available: {t['cuda_available']}"
+            f"torch {t.version}: CUDA build {t.cuda_build or 'none'}, "
+            f"CUDA available: {t.cuda_available}"
         )
     else:
-        lines.append(f"torch: not installed ({t['reason']})")
-    lc = report["llama_cpp"]
-    if lc["installed"]:
-        lines.append(f"llama-cpp-python {lc['version']}: GPU offload built in: {lc['gpu_offload']}")
+        lines.append(f"torch: not installed ({t.reason})")
+    lc = report.llama_cpp
+    if lc.installed:
+        lines.append(f"llama-cpp-python {lc.version}: GPU offload built in: {lc.gpu_offload}")
     else:
-        lines.append(f"llama-cpp-python: not installed ({lc['reason']})")
+        lines.append(f"llama-cpp-python: not installed ({lc.reason})")
     return "\n".join(lines)

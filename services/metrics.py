@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from services.memory_probe import MemorySnapshot
+from services.memory.ledger import MemoryLedger
+from services.memory.probe import MemorySnapshot
+
+if TYPE_CHECKING:
+    from services.llm.manager import ModelManager
+    from services.memory.gate import MemoryGate
 
 
 class Metrics:
@@ -42,7 +47,9 @@ class Metrics:
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
         self.task_seconds.labels(endpoint=f"/generate-{kind}", status=status).observe(seconds)
 
-    def render(self, snap: MemorySnapshot, ledger: Any, models: Any, gate: Any) -> bytes:
+    def render(
+        self, snap: MemorySnapshot, ledger: MemoryLedger, models: ModelManager, gate: MemoryGate
+    ) -> bytes:
         """Refresh the gauges from one snapshot and return the text format."""
         self.ram_total.set(snap.ram_total_mb)
         self.ram_available.set(snap.ram_available_mb)
@@ -54,7 +61,7 @@ class Metrics:
         )
         for d in devices:
             self.held.labels(device=d).set(ledger.held_mb(d))
-        self.models_loaded.set(len(models.loaded_info()))
+        self.models_loaded.set(len(models.loaded_models()))
         self.queue_length.set(gate.queue_length)
         self.gate_busy.set(1 if gate.current is not None else 0)
         for outcome, n in gate.outcomes.items():

@@ -24,6 +24,7 @@ from services.errors import ConfigError
 
 TIER_NAMES: tuple[str, ...] = ("fast", "medium", "deep", "reasoning", "vision")
 HEAVY_TIERS: frozenset[str] = frozenset({"medium", "deep", "reasoning", "vision"})
+KINDS: tuple[str, ...] = ("image", "video", "music")  # generation kinds: generation.<kind>
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "edison.yaml"
 
 

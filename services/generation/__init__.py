@@ -1,0 +1,1 @@
+"""Image, video and music generation: pipeline hosts, their registry, jobs behind the gate."""

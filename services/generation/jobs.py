@@ -1,0 +1,257 @@
+"""Generation jobs: image, video and music pipelines run behind the memory gate.
+
+A request is checked against the config's limits (:meth:`JobService.prepare`), becomes a
+job, is queued at the gate, runs its pipeline in a worker thread (never on the event
+loop), reports progress per step, and can be cancelled while queued or at its next step.
+A CUDA out-of-memory error unloads everything else and retries once with the
+pipeline's memory savers; a second one answers 503 ``insufficient_vram``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.errors import Cancelled, EdisonError, InsufficientMemory, InvalidRequest, NotFound
+from services.generation.params import GenerationParams, RunResult
+from services.generation.pipelines import PipelineOOM
+from services.generation.registry import PipelineRegistry
+from services.memory.gate import GateDecision, MemoryGate
+from services.settings import KINDS, Settings
+
+log = logging.getLogger("edison.generation")
+MAX_JOBS_KEPT = 1000
+
+
+@dataclass
+class JobProgress:
+    done: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """One file a job wrote; the media fields that apply to its kind are set."""
+
+    url: str
+    name: str
+    media_type: str
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    fps: int | None = None
+    duration_s: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+
+
+@dataclass
+class JobTimings:
+    """Milliseconds: waiting for the gate, loading the pipeline, running it, in all."""
+
+    queued: float | None = None
+    load: float | None = None
+    run: float | None = None
+    total: float | None = None
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    params: GenerationParams
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    progress: JobProgress = field(default_factory=JobProgress)
+    outputs: list[JobOutput] = field(default_factory=list)
+    seed: int | None = None
+    gate: GateDecision | None = None
+    timings_ms: JobTimings = field(default_factory=JobTimings)
+    error: JobError | None = None
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    exc: EdisonError | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+Observer = Callable[[str, str, float], None]  # (kind, status, seconds), for metrics
+
+
+class JobService:
+    """Checks, creates, runs, finds and cancels generation jobs. One per app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        gate: MemoryGate,
+        pipelines: PipelineRegistry,
+        *,
+        observe: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.gate = gate
+        self.pipelines = pipelines
+        self.observe = observe
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def prepare(self, kind: str, params: GenerationParams) -> GenerationParams:
+        """Check a request against the config's limits (InvalidRequest naming the field)
+        and fill in the defaults the config gives."""
+        if kind not in KINDS:
+            raise NotFound(f"No such generation kind {kind!r}")
+        cfg = self.pipelines.config(kind)
+        steps = params.steps or cfg.default_steps
+        _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
+        if kind in ("image", "video") and params.width and params.height:
+            most = cfg.max_pixels  # type: ignore[attr-defined]
+            _check(
+                "width",
+                params.width * params.height <= most,
+                f"width x height must be at most {most} pixels",
+            )
+        limits = {
+            "image": ("num_images", "max_images"),
+            "video": ("num_frames", "max_frames"),
+            "music": ("duration_s", "max_duration_s"),
+        }
+        name, limit = limits[kind]
+        value, most = getattr(params, name), getattr(cfg, limit)
+        if value is not None:
+            _check(name, value <= most, f"must be at most {most:g}")
+        if kind == "music" and params.duration_s is not None:
+            longest = self.pipelines.longest_clip_s(kind)
+            if longest:
+                _check(
+                    "duration_s",
+                    params.duration_s <= longest,
+                    f"the pipeline's longest clip is {longest:g} s",
+                )
+        return dataclasses.replace(params, steps=steps)
+
+    def submit(self, kind: str, params: GenerationParams) -> Job:
+        """Check the request, queue it as a job and start it; returns at once."""
+        params = self.prepare(kind, params)
+        job = Job(uuid.uuid4().hex, kind, params)
+        job.progress.total = params.steps or 0
+        self.jobs[job.id] = job
+        while len(self.jobs) > MAX_JOBS_KEPT:
+            old_id, old = next(iter(self.jobs.items()))
+            if not old.done.is_set():
+                break
+            self.jobs.pop(old_id)
+        job.task = asyncio.create_task(self._run(job), name=f"edison-job-{job.id}")
+        return job
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"No job {job_id!r}", job_id=job_id)
+        return job
+
+    def cancel(self, job_id: str, why: str = "cancelled by request") -> Job:
+        """Cancel a queued job now, a running one at its next step."""
+        job = self.get(job_id)
+        if job.done.is_set():
+            return job
+        job.cancel_event.set()
+        job.error = JobError("cancelled", why)
+        if job.status == "queued" and job.task is not None:
+            job.task.cancel()
+        return job
+
+    def cancel_all(self, why: str) -> None:
+        for job in list(self.jobs.values()):
+            if not job.done.is_set():
+                self.cancel(job.id, why)
+
+    async def _run(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        cfg = self.pipelines.config(job.kind)
+        reason = f"{job.kind}: {job.params.prompt[:40]}"
+        try:
+            async with self.gate.heavy_task(
+                cfg.required_vram_mb, reason, required_ram_mb=cfg.required_ram_mb, kind=job.kind
+            ) as task:
+                if job.cancel_event.is_set():
+                    raise Cancelled("Cancelled before it ran")
+                job.status = "running"
+                job.gate = task.decision
+                job.timings_ms.queued = round(task.queued_ms, 1)
+                result = await self._run_with_retry(job, task.device, reason)
+            job.outputs = [
+                JobOutput(url=f"/outputs/{o.name}", name=o.name, media_type=o.media_type, **o.meta)
+                for o in result.outputs
+            ]
+            job.seed = result.seed
+            job.timings_ms.load = round(result.load_ms, 1)
+            job.timings_ms.run = round(result.run_ms, 1)
+            job.status = "succeeded"
+        except (asyncio.CancelledError, Cancelled):
+            job.status = "cancelled"
+            job.error = job.error or JobError("cancelled", "cancelled")
+        except EdisonError as exc:
+            job.status, job.exc = "failed", exc
+            job.error = JobError(exc.code, exc.message, dict(exc.details))
+        except Exception as exc:  # noqa: BLE001 - a failing pipeline never takes the service down
+            log.exception("job %s failed", job.id)
+            job.status = "failed"
+            job.exc = EdisonError(f"{job.kind} generation failed: {type(exc).__name__}: {exc}")
+            job.error = JobError("internal_error", job.exc.message)
+        finally:
+            job.timings_ms.total = round((time.perf_counter() - t0) * 1000, 1)
+            job.finished_at = time.time()
+            job.done.set()
+            if self.observe:
+                self.observe(job.kind, job.status, job.timings_ms.total / 1000)
+
+    async def _run_with_retry(self, job: Job, device: str, reason: str) -> RunResult:
+        try:
+            return await self._run_pipeline(job, device, savers=False)
+        except PipelineOOM:
+            log.warning("CUDA out of memory in %s: retrying once with memory savers", reason)
+        await self.gate.recover_from_oom(job.kind, reason)
+        try:
+            return await self._run_pipeline(job, device, savers=True)
+        except PipelineOOM as exc:
+            raise InsufficientMemory(
+                f"{job.kind} ran out of VRAM even with memory savers and nothing else loaded",
+                retry_after_s=30,
+                required_vram_mb=self.pipelines.config(job.kind).required_vram_mb,
+                free_vram_mb=None,
+                freed_mb=0,
+                device=device,
+            ) from exc
+
+    async def _run_pipeline(self, job: Job, device: str, *, savers: bool) -> RunResult:
+        def on_step(done: int, total: int) -> None:
+            job.progress = JobProgress(done, total)
+
+        return await self.pipelines.run(
+            job.kind,
+            device,
+            job.params,
+            on_step=on_step,
+            should_cancel=job.cancel_event.is_set,
+            savers=savers,
+        )
+
+
+def _check(field_name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequest(field_name, message)

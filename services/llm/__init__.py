@@ -1,0 +1,1 @@
+"""LLM tiers: llama.cpp worker processes, the ModelManager that owns them, chat proxying."""

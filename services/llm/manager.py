@@ -1,0 +1,368 @@
+"""ModelManager: the one owner of every loaded LLM and every load.
+
+Each model runs in its own ``llama_cpp.server`` worker process (``worker.py``);
+unloading ends the process, after which the driver really has the memory back. Tiers:
+``fast`` stays resident; ``medium``, ``deep``, ``reasoning`` and ``vision`` share the
+heavy slot (one at a time). A load walks the ladder of GPU layers x context sizes
+(``loader.py``) from the rung that placement says fits, and every load reserves its
+estimate in the memory ledger before it starts.
+
+The gate, the chat endpoints, the swarm and /system/memory all go through this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from services.errors import InsufficientMemory, ModelLoadFailed, ModelUnavailable, UnknownTier
+from services.llm.loader import LadderLoader
+from services.llm.records import (
+    FALLBACKS,
+    LoadedModel,
+    Resolution,
+    TierState,
+    TierView,
+    UnloadResult,
+)
+from services.llm.worker import LlamaWorker
+from services.memory.ledger import CPU
+from services.memory.placement import Placement, flush_gpu_memory, wait_gpu_memory_released
+from services.settings import HEAVY_TIERS, TIER_NAMES, Settings
+
+log = logging.getLogger("edison.models")
+
+DRAIN_TIMEOUT_S = 30.0  # longest an eviction waits for requests in flight on the model
+
+
+class ModelManager:
+    """One per app. Async API; blocking work (probes, GGUF reads) goes to threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        placement: Placement,
+        *,
+        python: str = sys.executable,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.placement = placement
+        self.probe = placement.probe
+        self.ledger = placement.ledger
+        self.loader = LadderLoader(
+            settings, placement, self._on_worker_exit, python=python, worker_env=worker_env
+        )
+        self.tiers: dict[str, TierState] = {
+            name: TierState(name, cfg, name in HEAVY_TIERS)
+            for name, cfg in settings.models.tiers().items()
+        }
+        # Why: loads and unloads change which workers exist and what the ledger holds;
+        # one at a time (as Ollama does) keeps the heavy-slot rule and the memory check
+        # true. It is an asyncio lock: requests to loaded models and /system/memory
+        # never wait on it.
+        self._lock = asyncio.Lock()
+        self._reaper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---- views ---------------------------------------------------------------------
+    @property
+    def heavy_slot(self) -> str | None:
+        for t in self.tiers.values():
+            if t.heavy and t.model is not None and t.alias_of is None:
+                return t.name
+        return None
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """Every running worker's model (a tier served by another's worker counts once)."""
+        return [t.model for t in self.tiers.values() if t.model and not t.alias_of]
+
+    def describe(self) -> list[TierView]:
+        return [t.view() for t in self.tiers.values()]
+
+    def tier_view(self, key: str) -> TierView:
+        return self._tier(key).view()
+
+    def loads_total(self) -> int:
+        return sum(t.loads for t in self.tiers.values())
+
+    def _tier(self, key: str) -> TierState:
+        if key not in self.tiers:
+            raise UnknownTier(
+                f"Unknown tier {key!r}; configured tiers: {', '.join(self.tiers) or 'none'}",
+                tier=key,
+                tiers=list(self.tiers),
+            )
+        return self.tiers[key]
+
+    # ---- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle(), name="edison-idle-reaper")
+
+    async def shutdown(self) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await self.unload_all(reason="shutdown")
+
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        """Run coro in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def load_llm_models(self) -> dict[str, str]:
+        """The eager loader: fast -> medium -> deep -> reasoning -> vision, as far as
+        ``preload``, memory and the heavy slot allow. Returns what happened per tier."""
+        outcome: dict[str, str] = {}
+        for name in TIER_NAMES:
+            tier = self.tiers.get(name)
+            if tier is None:
+                continue
+            if not tier.cfg.preload:
+                outcome[name] = "on demand"
+                continue
+            if tier.heavy and self.heavy_slot not in (None, name):
+                outcome[name] = f"skipped: heavy slot holds {self.heavy_slot}"
+                continue
+            try:
+                await self.load(name, reason="startup")
+                outcome[name] = "loaded"
+            except Exception as exc:  # noqa: BLE001 - one tier failing must not stop the others
+                outcome[name] = f"failed: {exc}"
+        log.info("Eager load: %s", ", ".join(f"{k}={v}" for k, v in outcome.items()))
+        return outcome
+
+    # ---- loading -------------------------------------------------------------------
+    async def load(self, key: str, *, reason: str = "request") -> LoadedModel:
+        """Load a tier (evicting the heavy slot's occupant if needed) and return its model."""
+        tier = self._tier(key)
+        model = tier.model
+        if model is not None and tier.status == "loaded" and model.worker.alive:
+            return model  # the common case never waits behind another tier's load
+        async with self._lock:
+            return await self._load_locked(tier, reason)
+
+    async def _load_locked(self, tier: TierState, reason: str) -> LoadedModel:
+        if tier.model is not None and tier.model.worker.alive:
+            return tier.model
+        twin = self._twin(tier)
+        if twin is not None:
+            tier.model, tier.alias_of, tier.status = twin.model, twin.name, "loaded"
+            log.info(
+                "Model %s served by the %s worker (same file, context, layers)",
+                tier.name,
+                twin.name,
+            )
+            return twin.model  # type: ignore[return-value]
+        if tier.heavy and (occupant := self.heavy_slot) not in (None, tier.name):
+            await self._unload_locked(self.tiers[occupant], f"heavy slot wanted by {tier.name}")
+        tier.status, tier.last_error, tier.attempts = "loading", None, []
+        try:
+            model = await self.loader.load(tier)
+        except Exception as exc:
+            tier.status = "failed"
+            tier.last_error = getattr(exc, "message", None) or str(exc)
+            raise
+        tier.model, tier.status = model, "loaded"
+        tier.loads += 1
+        log.info(
+            "Model loaded: tier=%s reason=%s rung=%d layers=%d ctx=%d device=%s "
+            "estimate=%.0fMB measured=%s rss=%s ready=%.0fms",
+            tier.name,
+            reason,
+            model.rung,
+            model.n_gpu_layers,
+            model.n_ctx,
+            model.device,
+            model.vram_estimate_mb if model.device != CPU else model.ram_estimate_mb,
+            "n/a" if model.vram_measured_mb is None else f"{model.vram_measured_mb:.0f}MB",
+            "n/a" if model.rss_mb is None else f"{model.rss_mb:.0f}MB",
+            model.ready_ms,
+        )
+        return model
+
+    def _twin(self, tier: TierState) -> TierState | None:
+        for other in self.tiers.values():
+            if (
+                other is not tier
+                and other.model is not None
+                and other.alias_of is None
+                and other.model.worker.alive
+                and Path(other.cfg.path).resolve() == Path(tier.cfg.path).resolve()
+                and (other.cfg.n_ctx, other.cfg.n_gpu_layers)
+                == (tier.cfg.n_ctx, tier.cfg.n_gpu_layers)
+            ):
+                return other
+        return None
+
+    def _on_worker_exit(self, worker: LlamaWorker, code: int) -> None:
+        """A worker died on its own (crash, OOM kill, kill -9): mark its tiers unloaded."""
+        for tier in self.tiers.values():
+            if tier.model is not None and tier.model.worker is worker:
+                if tier.alias_of is None:
+                    self.ledger.release(tier.model.reservation)
+                tier.model, tier.alias_of, tier.status = None, None, "unloaded"
+                tier.last_error = f"worker exited with code {code}: {worker.stderr_tail(3)[-300:]}"
+                log.warning(
+                    "Model %s worker (pid %s) died with code %d", tier.name, worker.pid, code
+                )
+
+    # ---- using ---------------------------------------------------------------------
+    async def resolve(self, key: str, *, fallback: bool = True) -> Resolution:
+        """Load ``key`` (or the first tier of its fallback chain that loads) and return it."""
+        if key not in TIER_NAMES:
+            self._tier(key)  # raises UnknownTier listing the configured tiers
+        chain = [key, *FALLBACKS[key]] if fallback else [key]
+        reasons: list[str] = []
+        for name in chain:
+            if name not in self.tiers:
+                reasons.append(f"{name}: not configured")
+                continue
+            try:
+                model = await self.load(name)
+            except (ModelLoadFailed, InsufficientMemory) as exc:
+                reasons.append(f"{name}: {exc.message}")
+                continue
+            why = "; ".join(reasons) if name != key else None
+            return Resolution(key, name, model, why)
+        if key not in self.tiers and not fallback:
+            self._tier(key)
+        raise ModelUnavailable(
+            f"No tier could serve {key!r}: " + "; ".join(reasons), tier=key, tried=chain
+        )
+
+    @contextlib.asynccontextmanager
+    async def use(self, key: str, *, fallback: bool = True) -> AsyncIterator[Resolution]:
+        """Resolve a tier and hold it in use: it is not evicted while the block runs
+        (evictions wait up to DRAIN_TIMEOUT_S for blocks in flight)."""
+        for _ in range(3):  # a worker may die between the load and this line: load again
+            res = await self.resolve(key, fallback=fallback)
+            model = res.model
+            if model.worker.alive and self.tiers[res.tier].model is model:
+                break
+        else:
+            raise ModelUnavailable(f"The {res.tier} worker kept dying right after loading")
+        model.active += 1
+        model.idle.clear()
+        try:
+            yield res
+        finally:
+            model.active -= 1
+            model.last_used_at = time.time()
+            if model.active == 0:
+                model.idle.set()
+
+    # ---- unloading -----------------------------------------------------------------
+    async def unload(self, key: str, *, reason: str = "request") -> UnloadResult:
+        tier = self._tier(key)
+        async with self._lock:
+            return await self._unload_locked(tier, reason)
+
+    async def unload_heavy_slot(self, *, reason: str = "request") -> UnloadResult:
+        async with self._lock:
+            slot = self.heavy_slot
+            if slot is None:
+                return UnloadResult()
+            return await self._unload_locked(self.tiers[slot], reason)
+
+    async def unload_all(self, *, reason: str = "request") -> UnloadResult:
+        """End every worker, then flush (gc, torch.cuda.empty_cache where CUDA)."""
+        async with self._lock:
+            before = await self._free_mb()
+            unloaded: list[str] = []
+            held = 0.0
+            for tier in self.tiers.values():
+                if tier.model is not None and tier.alias_of is None:
+                    out = await self._unload_locked(tier, reason, measure=False)
+                    unloaded += out.unloaded
+                    held += out.held_mb
+            await anyio.to_thread.run_sync(flush_gpu_memory)
+            freed = max(0.0, await self._free_mb() - before) if unloaded else 0.0
+            return UnloadResult(unloaded, round(freed, 1), round(held, 1))
+
+    async def _unload_locked(
+        self, tier: TierState, reason: str, *, measure: bool = True
+    ) -> UnloadResult:
+        model = tier.model
+        if model is None:
+            return UnloadResult()
+        if tier.alias_of is not None:
+            tier.model, tier.alias_of, tier.status = None, None, "unloaded"
+            return UnloadResult([tier.name])
+        before = await self._free_mb() if measure else 0.0
+        if model.active:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    await model.idle.wait()
+        sharing = [t for t in self.tiers.values() if t.model is model]
+        for t in sharing:
+            t.status = "unloading"
+        try:
+            await model.worker.stop(self.settings.models.unload_timeout_s)
+        finally:
+            for t in sharing:
+                t.model, t.alias_of, t.status = None, None, "unloaded"
+        names = [t.name for t in sharing]
+        if model.device != CPU:
+            await wait_gpu_memory_released(
+                self.probe,
+                model.pid,
+                self.settings.memory.recovery_wait_s,
+                self.settings.memory.recovery_poll_s,
+            )
+        held = model.reservation.mb
+        self.ledger.release(model.reservation)
+        freed = max(0.0, await self._free_mb() - before) if measure else 0.0
+        log.info(
+            "Model unloaded: tier=%s reason=%s held=%.0fMB freed=%.0fMB",
+            tier.name,
+            reason,
+            held,
+            freed,
+        )
+        return UnloadResult(names, round(freed, 1), round(held, 1))
+
+    async def _free_mb(self) -> float:
+        """Driver-reported free memory on the work device (RAM available on the CPU)."""
+        return (await self.placement.view()).budget.driver_free_mb
+
+    def ensure_loaded_soon(self, key: str) -> None:
+        """Bring a tier back in the background (used after heavy tasks)."""
+        tier = self.tiers.get(key)
+        if tier is None or tier.model is not None or tier.status == "loading":
+            return
+
+        async def reload() -> None:
+            try:
+                await self.load(key, reason="reload after heavy task")
+            except Exception as exc:  # noqa: BLE001 - logged; the next request retries
+                log.warning("Background reload of %s failed: %s", key, exc)
+
+        self.spawn(reload(), f"edison-reload-{key}")
+
+    async def _reap_idle(self) -> None:
+        """Unload heavy models idle longer than their keep_alive (never fast by default)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.time()
+            for tier in self.tiers.values():
+                m = tier.model
+                keep = tier.cfg.keep_alive_s
+                if keep is None:
+                    keep = self.settings.models.heavy_keep_alive_s if tier.heavy else 0
+                if m is None or tier.alias_of or m.active or keep <= 0:
+                    continue
+                if now - m.last_used_at >= keep:
+                    with contextlib.suppress(Exception):
+                        await self.unload(tier.name, reason=f"idle {keep:g} s")

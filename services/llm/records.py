@@ -1,0 +1,137 @@
+"""What the ModelManager keeps about tiers and loaded models, and the fallback chains."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from services.llm.worker import LlamaWorker
+from services.memory.ledger import Reservation
+from services.settings import TierSettings
+
+# A field declared with ``repr=False`` is internal (a process handle, an event, a ledger
+# entry): it is never part of an answer. Every other field is, and a test walks the
+# response models against these dataclasses so that none is dropped on the way.
+
+# Which tiers answer when a tier cannot: the seed's reasoning -> deep -> medium -> fast,
+# and for fast, anything bigger rather than nothing.
+FALLBACKS: dict[str, tuple[str, ...]] = {
+    "reasoning": ("deep", "medium", "fast"),
+    "deep": ("medium", "fast"),
+    "medium": ("fast",),
+    "vision": ("medium", "fast"),
+    "fast": ("medium", "deep", "reasoning"),
+}
+
+
+@dataclass
+class LoadAttempt:
+    rung: int
+    n_gpu_layers: int
+    n_ctx: int
+    estimate_mb: float
+    ok: bool
+    reason: str
+    ms: float
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class LoadedModel:
+    """A model that is serving: what was really used, estimated and measured."""
+
+    key: str
+    path: str
+    n_gpu_layers: int
+    n_ctx: int
+    vram_estimate_mb: float
+    vram_measured_mb: float | None
+    rss_mb: float | None
+    pid: int
+    port: int
+    rung: int
+    loaded_at: float
+    last_used_at: float
+    heavy: bool
+    device: str
+    ram_estimate_mb: float
+    ready_ms: float
+    worker: LlamaWorker = field(repr=False)
+    reservation: Reservation = field(repr=False)
+    active: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return self.worker.base_url
+
+
+@dataclass
+class TierState:
+    """What the manager keeps about one tier (internal; see :class:`TierView`)."""
+
+    name: str
+    cfg: TierSettings
+    heavy: bool
+    status: str = "unloaded"  # unloaded | loading | loaded | unloading | failed
+    last_error: str | None = None
+    attempts: list[LoadAttempt] = field(default_factory=list)
+    model: LoadedModel | None = None
+    alias_of: str | None = None  # served by another tier's worker (same file, ctx, layers)
+    loads: int = 0  # successful loads since start
+
+    def view(self) -> TierView:
+        return TierView(
+            tier=self.name,
+            heavy=self.heavy,
+            status=self.status,
+            path=str(self.cfg.path),
+            n_gpu_layers=self.cfg.n_gpu_layers,
+            n_ctx=self.cfg.n_ctx,
+            preload=self.cfg.preload,
+            alias_of=self.alias_of,
+            last_error=self.last_error,
+            loads=self.loads,
+            attempts=list(self.attempts),
+            loaded=self.model,
+            fallbacks=list(FALLBACKS[self.name]),
+        )
+
+
+@dataclass(frozen=True)
+class TierView:
+    """One tier as an operator sees it: configuration, state, load history."""
+
+    tier: str
+    heavy: bool
+    status: str
+    path: str
+    n_gpu_layers: int  # configured
+    n_ctx: int  # configured
+    preload: bool
+    alias_of: str | None
+    last_error: str | None
+    loads: int
+    attempts: list[LoadAttempt]  # the rungs the last load tried
+    loaded: LoadedModel | None
+    fallbacks: list[str]
+
+
+@dataclass(frozen=True)
+class UnloadResult:
+    """What an unload did: the tiers it ended, memory measured back, what the ledger held."""
+
+    unloaded: list[str] = field(default_factory=list)
+    freed_mb: float = 0.0
+    held_mb: float = 0.0
+
+
+@dataclass
+class Resolution:
+    """Which tier answers a request for ``requested``, and why if it is another."""
+
+    requested: str
+    tier: str
+    model: LoadedModel
+    fallback_reason: str | None = None

@@ -1,0 +1,368 @@
+"""One llama.cpp model in its own child process: ``python -m llama_cpp.server``.
+
+Ending the process is the only sure way to give its VRAM back (dropping a ``Llama``
+object does not reliably do it, and a CUDA error inside ggml aborts the whole
+process), so each model gets a process, as in Ollama, llama-swap and LocalAI.
+
+What llama_cpp.server (llama-cpp-python 0.3.36) does, as measured here:
+
+- It loads the model *before* it listens: ``create_app`` builds the model, then
+  ``uvicorn.run`` binds. So "GET /v1/models answers 200" means "loaded and serving".
+  uvicorn prints ``Uvicorn running on http://127.0.0.1:PORT`` on stderr once bound;
+  we poll HTTP instead, which also proves the answer comes from our process (the
+  model id must be our alias, see below).
+- A tiny model is ready in about 0.4-0.7 s on 2 CPU cores; its chatty verbose log
+  (about 300 lines at start-up) is what tells why a load failed, so it stays on.
+- A failed load exits with status 1 after a Python traceback ending in
+  ``ValueError: Model path does not exist: PATH`` (missing file) or
+  ``ValueError: Failed to load model from file: PATH``; the real reason is a
+  llama.cpp line a few lines earlier, e.g. ``gguf_init_from_reader: invalid magic
+  characters`` or ``llama_model_load: error loading model: tensor '...' data is not
+  within the file bounds, model is corrupted or incomplete``.
+- A taken port is found only after the model has loaded: uvicorn prints ``[Errno 98]
+  ... address already in use`` and the process exits with status 3.
+- Its settings are pydantic ``BaseSettings``, so environment variables named like
+  its options (``PORT``, ``HOST``, ``API_KEY``, ``N_CTX``, ``CONFIG_FILE``...) override
+  or add to the command line; ``PORT`` even wins over ``--port``. The child therefore
+  gets an allow-listed environment, not ours.
+- ``--use_mlock`` defaults to true in the server (false in ``Llama``); we pass false so
+  the weights left on the CPU stay ordinary page cache that image pipelines can use.
+- ``--clip_model_path`` is used only with a vision ``--chat_format`` (llava-1-5,
+  llava-1-6, mtmd, qwen2.5-vl, minicpm-v-2.6, moondream, ...); without one it is
+  silently ignored.
+- ``--n_gpu_layers -1`` means all layers and the output layer.
+- ``--n_ctx`` above the trained context is accepted with a warning ("possible training
+  context overflow"); an absurd one (10^9 on the tiny model) does not fail, it grinds
+  on allocating, so the estimate, not the worker, must refuse it.
+- On SIGTERM uvicorn shuts down gracefully (about 0.1 s here) and then re-raises the
+  signal: a clean stop() returns -15.
+
+What this module adds: an allow-listed, offline environment; its own process group;
+the GPU hidden when no layer is offloaded; a parent-death signal (BOOTSTRAP), so a
+worker never outlives an Edison killed with SIGKILL; one retry on a new port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+import httpx
+
+from services.errors import ModelLoadFailed
+from services.llm.worker_command import (
+    PORT_TAKEN,
+    WorkerSpec,
+    build_command,
+    child_env,
+    extract_reason,
+    free_port,
+)
+
+log = logging.getLogger("edison.llama_worker")
+
+TAIL_LINES = 200
+MAX_LINE_CHARS = 2000
+POLL_S = 0.05
+
+
+class WorkerStartFailed(ModelLoadFailed):
+    """The worker exited, or did not answer in time, before it was ready."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        stderr_tail: str,
+        returncode: int | None,
+        timed_out: bool = False,
+        missing_file: bool = False,
+        port_taken: bool = False,
+    ) -> None:
+        super().__init__(
+            message,
+            reason=reason,
+            returncode=returncode,
+            timed_out=timed_out,
+            missing_file=missing_file,
+        )
+        self.reason = reason
+        self.stderr_tail = stderr_tail  # kept off the client-facing details: it is long
+        self.returncode = returncode
+        self.timed_out = timed_out
+        self.missing_file = missing_file
+        self.port_taken = port_taken
+
+
+class LlamaWorker:
+    """A ``llama_cpp.server`` child process serving one model on a loopback port."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        python: str = sys.executable,
+        on_exit: Callable[[LlamaWorker, int], None] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.python = python
+        self.on_exit = on_exit
+        self._env_overrides = dict(env or {})
+        self.pid: int | None = None
+        self.port: int = 0
+        self.started_at: float = 0.0  # wall clock (time.time()) of the spawn
+        self.ready_ms: float = 0.0  # spawn to first 200 from /v1/models, port retry included
+        self._proc: asyncio.subprocess.Process | None = None
+        # Why a deque: the child's output must be read continuously or its pipe fills
+        # and the child blocks in a write; only the last lines are worth keeping.
+        self._lines: deque[str] = deque(maxlen=TAIL_LINES)
+        self._reader: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Task[int] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stop_task: asyncio.Task[int | None] | None = None
+        self._stopping = False
+
+    # ---- state ---------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    def stderr_tail(self, n: int = 40) -> str:
+        """The last n lines the worker printed (stdout and stderr together)."""
+        lines = list(self._lines)
+        return "\n".join(lines[-n:] if n > 0 else [])
+
+    # ---- start ---------------------------------------------------------------------
+    async def start(self, timeout_s: float) -> None:
+        """Spawn the worker and return once it serves; raise WorkerStartFailed if not.
+
+        If the port turns out to be taken (another process bound it between our
+        choice and the worker's bind) the worker is started once more on a new port,
+        within the same timeout.
+        """
+        if self._proc is not None:
+            raise RuntimeError(f"worker {self.spec.key} was already started")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = t0 + timeout_s
+        for attempt in (1, 2):
+            try:
+                await self._start_once(deadline)
+            except WorkerStartFailed as exc:
+                if attempt == 1 and exc.port_taken and loop.time() < deadline:
+                    log.warning("worker %s: port %d taken, retrying", self.spec.key, self.port)
+                    self._reset()
+                    continue
+                raise
+            self.ready_ms = (loop.time() - t0) * 1000
+            log.info(
+                "worker %s ready on port %d (pid %s) in %.0f ms",
+                self.spec.key,
+                self.port,
+                self.pid,
+                self.ready_ms,
+            )
+            return
+
+    def _reset(self) -> None:
+        self._proc = None
+        self.pid = None
+        self._reader = self._waiter = None
+        self._lines.clear()
+
+    async def _start_once(self, deadline: float) -> None:
+        self.port = free_port()
+        self.started_at = time.time()
+        self._proc = await asyncio.create_subprocess_exec(
+            *build_command(self.spec, self.port, self.python),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=child_env(self.spec, self._env_overrides),
+            start_new_session=True,  # its own process group: a kill takes its children
+        )
+        self.pid = self._proc.pid
+        assert self._proc.stdout is not None
+        self._reader = asyncio.create_task(self._read(self._proc.stdout))
+        self._waiter = asyncio.create_task(self._proc.wait())
+        ready = False
+        try:
+            await self._poll_ready(deadline)
+            ready = True
+        finally:
+            if not ready:  # cancelled or failed: never leave a half-started worker behind
+                self._signal(signal.SIGKILL)
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _poll_ready(self, deadline: float) -> None:
+        assert self._waiter is not None
+        loop = asyncio.get_running_loop()
+        url = f"{self.base_url}/v1/models"
+        # trust_env=False: a proxy from the environment must never see loopback calls.
+        async with httpx.AsyncClient(trust_env=False) as client:
+            while True:
+                if self._waiter.done():
+                    await self._drain()
+                    raise self._failure(f"worker {self.spec.key} exited before it was ready")
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    await self._kill()
+                    raise self._failure(
+                        f"worker {self.spec.key} was not ready within the timeout", timed_out=True
+                    )
+                try:
+                    r = await client.get(url, timeout=max(0.05, min(1.0, remaining)))
+                except httpx.HTTPError:
+                    r = None
+                if r is not None and r.status_code == 200:
+                    if self._serves_our_model(r):
+                        return
+                    # Another server answers on "our" port: ours will fail to bind.
+                    await self._kill()
+                    raise self._failure(
+                        f"another server answers on port {self.port}", port_taken=True
+                    )
+                await asyncio.wait({self._waiter}, timeout=min(POLL_S, max(0.0, remaining)))
+
+    def _serves_our_model(self, response: httpx.Response) -> bool:
+        try:
+            data = response.json().get("data", [])
+            return any(m.get("id") == self.spec.key for m in data)
+        except (ValueError, AttributeError):
+            return False
+
+    def _failure(
+        self, message: str, *, timed_out: bool = False, port_taken: bool = False
+    ) -> WorkerStartFailed:
+        lines = list(self._lines)
+        rc = self.returncode
+        if not port_taken and rc not in (None, 0) and not timed_out:
+            port_taken = any(PORT_TAKEN.search(ln) for ln in lines[-20:])
+        missing = not self.spec.model_path.is_file() or (
+            self.spec.clip_path is not None and not self.spec.clip_path.is_file()
+        )
+        if timed_out:
+            last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+            reason = "not ready in time" + (f" (last output: {last})" if last else "")
+        else:
+            reason = extract_reason(lines)
+        return WorkerStartFailed(
+            f"{message}: {reason}",
+            reason=reason,
+            stderr_tail=self.stderr_tail(),
+            returncode=rc,
+            timed_out=timed_out,
+            missing_file=missing,
+            port_taken=port_taken,
+        )
+
+    # ---- output and supervision ----------------------------------------------------
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        """Read the child's output to EOF, keeping the last lines."""
+        pending = b""
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            *complete, pending = pending.split(b"\n")
+            for raw in complete:
+                self._lines.append(raw.decode("utf-8", "replace").rstrip("\r")[:MAX_LINE_CHARS])
+            if len(pending) > MAX_LINE_CHARS:  # a line without end: keep its start
+                self._lines.append(pending[:MAX_LINE_CHARS].decode("utf-8", "replace"))
+                pending = b""
+        if pending:
+            self._lines.append(pending.decode("utf-8", "replace")[:MAX_LINE_CHARS])
+
+    async def _drain(self, timeout_s: float = 2.0) -> None:
+        """Wait (briefly) until the output reader saw EOF, so the tail is complete."""
+        if self._reader is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout_s)
+
+    async def _supervise(self) -> None:
+        """Await the process; report an exit that stop() did not ask for."""
+        assert self._waiter is not None
+        rc = await self._waiter
+        await self._drain()
+        if self._stopping:
+            return
+        log.error(
+            "worker %s (pid %s) exited unexpectedly with %s: %s",
+            self.spec.key,
+            self.pid,
+            rc,
+            extract_reason(list(self._lines)),
+        )
+        if self.on_exit is not None:
+            try:
+                self.on_exit(self, rc)
+            except Exception:
+                log.exception("on_exit callback of worker %s failed", self.spec.key)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        """Send sig to the worker's process group while the worker is not yet reaped."""
+        if self._proc is None or self._proc.returncode is not None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # not our group after all: signal the process alone
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def _kill(self) -> None:
+        self._signal(signal.SIGKILL)
+        if self._waiter is not None:
+            await asyncio.shield(self._waiter)
+        await self._drain()
+
+    # ---- stop ----------------------------------------------------------------------
+    async def stop(self, grace_s: float = 10) -> int | None:
+        """End the worker: SIGTERM, up to grace_s to exit, then SIGKILL. Idempotent.
+
+        Returns its exit code (negative: the signal that ended it), None if it never
+        started.
+        """
+        if self._proc is None:
+            return None
+        self._stopping = True
+        # Why a shared task: two concurrent stop() calls wait for the same ending.
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop(grace_s))
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace_s: float) -> int | None:
+        assert self._proc is not None and self._waiter is not None
+        self._signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waiter), grace_s)
+        except TimeoutError:
+            log.warning("worker %s ignored SIGTERM for %g s: killing", self.spec.key, grace_s)
+            await self._kill()
+        await self._drain()
+        if self._supervisor is not None:
+            await self._supervisor
+        return self._proc.returncode
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else f"exited {self.returncode}"
+        return f"<LlamaWorker {self.spec.key} pid={self.pid} port={self.port} {state}>"

@@ -1,0 +1,367 @@
+"""MemoryGate: makes room before each heavy task (image, video, music) and runs them one
+at a time.
+
+    async with gate.heavy_task(required_vram_mb, reason, kind=...) as task:
+        ...run the pipeline...
+
+waits its turn in a bounded FIFO queue, asks placement for the task's need once, holds
+a reservation in the memory ledger for the task's whole life (so no model load can take
+that memory meanwhile), makes room (``pre_heavy_task``: free memory on the task's device
+-> unload idle pipelines -> unload the heavy slot -> unload all models -> wait for the
+driver -> final check) and on every exit path releases the reservation and, in the
+background, runs ``post_heavy_task`` (caches flushed, fast model back). Without a GPU the
+same rules run on RAM. The figures come from ``placement.py``; this module acts on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+
+from services.errors import InsufficientMemory, QueueFull, QueueTimeout
+from services.memory.ledger import DeviceBudget, Reservation
+from services.memory.placement import (
+    DeviceView,
+    Placement,
+    TaskNeed,
+    flush_gpu_memory,
+    task_need,
+)
+from services.settings import Settings
+
+if TYPE_CHECKING:
+    from services.llm.manager import ModelManager
+
+log = logging.getLogger("edison.gate")
+
+
+class IdlePipelines(Protocol):
+    """What the gate needs of the pipeline registry: unload those not running."""
+
+    async def unload_idle(self, keep: str = "") -> list[str]: ...
+
+
+@dataclass
+class GateDecision:
+    """One decision of the gate: did the task get its memory, what was done, on what figures."""
+
+    ok: bool
+    reason: str
+    device: str
+    required_mb: float
+    usable_mb: float
+    freed_mb: float  # driver-free memory gained on the device while making room, measured
+    waited_ms: float
+    actions: list[str]
+    budget: DeviceBudget  # the figures of the last check: capacity, driver free, held, reserve
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class HeavyTask:
+    """One heavy task holding the gate."""
+
+    reason: str
+    kind: str | None
+    device: str
+    required_mb: float
+    queued_ms: float
+    decision: GateDecision
+    started_at: float = field(default_factory=time.time)
+    reservation: Reservation | None = field(default=None, repr=False)
+
+    @property
+    def running_s(self) -> float:
+        return time.time() - self.started_at
+
+
+@dataclass
+class GateState:
+    """What the gate is doing now, for /system/memory and the metrics."""
+
+    state: str  # idle | busy
+    current: HeavyTask | None
+    queue_length: int
+    max_waiting: int
+    outcomes: dict[str, int]  # decisions and refusals since start, by outcome
+    last_decisions: list[GateDecision]
+
+
+class MemoryGate:
+    """One per app: the only way a heavy task gets the GPU."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        placement: Placement,
+        models: ModelManager,
+        *,
+        pipelines: IdlePipelines | None = None,
+    ) -> None:
+        self.settings = settings
+        self.placement = placement
+        self.ledger = placement.ledger
+        self.models = models
+        self.pipelines = pipelines
+        # Why a hand-made FIFO and not asyncio.Lock: the queue must be bounded
+        # (queue.max_waiting -> 503), observable (/system/memory shows its length) and
+        # hand the slot over in arrival order even when a waiter times out or is cancelled.
+        self._busy = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.current: HeavyTask | None = None
+        self.decisions: deque[GateDecision] = deque(maxlen=20)
+        self.outcomes: dict[str, int] = {}
+        self._mean_task_s = 10.0
+        self._unloaded_fast = False
+        self._collect_next = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---- views ---------------------------------------------------------------------
+    @property
+    def queue_length(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    def describe(self) -> GateState:
+        return GateState(
+            state="busy" if self._busy else "idle",
+            current=self.current,
+            queue_length=self.queue_length,
+            max_waiting=self.settings.queue.max_waiting,
+            outcomes=dict(self.outcomes),
+            last_decisions=list(self.decisions)[-10:],
+        )
+
+    def retry_after_s(self) -> float:
+        """A guess at when a slot frees up: mean task time x tasks ahead."""
+        return max(1.0, self._mean_task_s * (self.queue_length + 1))
+
+    # ---- queue ---------------------------------------------------------------------
+    async def _acquire(self) -> float:
+        """Wait for the gate in FIFO order; return the ms waited."""
+        t0 = time.perf_counter()
+        if not self._busy and not self.queue_length:
+            self._busy = True
+            return 0.0
+        if self.queue_length >= self.settings.queue.max_waiting:
+            self._count("queue_full")
+            raise QueueFull(
+                f"The heavy-task queue is full ({self.queue_length} waiting)",
+                retry_after_s=self.retry_after_s(),
+                queue_length=self.queue_length,
+                max_waiting=self.settings.queue.max_waiting,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.settings.queue.max_wait_s):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._release()  # the slot was handed to us as we gave up: pass it on
+            else:
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            if isinstance(exc, TimeoutError):
+                self._count("queue_timeout")
+                raise QueueTimeout(
+                    f"Waited {self.settings.queue.max_wait_s:g} s for the GPU without a turn",
+                    retry_after_s=self.retry_after_s(),
+                    queue_length=self.queue_length,
+                ) from None
+            raise
+        return (time.perf_counter() - t0) * 1000
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand over: _busy stays True
+                return
+        self._busy = False
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    # ---- the gate itself -----------------------------------------------------------
+    async def pre_heavy_task(
+        self,
+        required_vram_mb: float,
+        reason: str,
+        *,
+        required_ram_mb: float | None = None,
+        keep_pipeline: str | None = None,
+    ) -> GateDecision:
+        """Make room for a task on its device (see the module docstring for the steps).
+
+        The documented entry point for a caller that runs its own task; ``heavy_task``
+        does this and more (queue, reservation, clean-up)."""
+        view = await self.placement.view()
+        need = task_need(view.device, required_vram_mb, required_ram_mb)
+        return await self._make_room(need, reason, view, keep_pipeline=keep_pipeline)
+
+    async def _make_room(
+        self,
+        need: TaskNeed,
+        reason: str,
+        view: DeviceView,
+        *,
+        own: Reservation | None = None,
+        keep_pipeline: str | None = None,
+    ) -> GateDecision:
+        """Unload, in order, what stands between the task and its need; decide."""
+        t0 = time.perf_counter()
+        before = budget = view.budget
+        actions: list[str] = []
+
+        async def enough_after(action: str | None) -> bool:
+            """Probe again (after an action, or while waiting) and compare."""
+            nonlocal budget
+            if action:
+                actions.append(action)
+            budget = (await self.placement.view(exclude=own)).budget
+            return budget.usable_mb >= need.mb
+
+        ok = budget.usable_mb >= need.mb
+        if not ok and self.pipelines is not None:
+            freed = await self.pipelines.unload_idle(keep_pipeline or "")
+            if freed:
+                ok = await enough_after(f"unloaded idle pipelines: {', '.join(freed)}")
+        if not ok and self.models.heavy_slot is not None:
+            out = await self.models.unload_heavy_slot(reason=f"gate: {reason}")
+            ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
+        if not ok and self.models.loaded_models():
+            out = await self.models.unload_all(reason=f"gate: {reason}")
+            self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
+            ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
+        if not ok and actions:
+            # The driver's figure lags behind freed memory (Ollama: 0.5-1.5 s): poll.
+            deadline = time.monotonic() + self.settings.memory.recovery_wait_s
+            while not ok and time.monotonic() < deadline:
+                await anyio.sleep(self.settings.memory.recovery_poll_s)
+                ok = await enough_after(None)
+        decision = GateDecision(
+            ok=ok,
+            reason=reason,
+            device=need.device,
+            required_mb=need.mb,
+            usable_mb=round(budget.usable_mb, 1),
+            freed_mb=round(max(0.0, budget.driver_free_mb - before.driver_free_mb), 1),
+            waited_ms=round((time.perf_counter() - t0) * 1000, 1),
+            actions=actions or (["enough memory"] if ok else ["nothing to unload"]),
+            budget=budget,
+        )
+        self._record(decision)
+        return decision
+
+    def _record(self, d: GateDecision) -> None:
+        self._count("ok" if d.ok else "refused")
+        log.log(
+            logging.INFO if d.ok else logging.WARNING,
+            "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB usable=%.0fMB "
+            "driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s",
+            d.ok,
+            d.freed_mb,
+            d.reason,
+            d.device,
+            d.required_mb,
+            d.usable_mb,
+            d.budget.driver_free_mb,
+            d.budget.held_mb,
+            d.budget.reserve_mb,
+            "; ".join(d.actions),
+        )
+        self.decisions.append(d)
+
+    async def post_heavy_task(self) -> None:
+        """Flush caches, and bring the fast model back in the background if the gate
+        unloaded it. heavy_task runs this after releasing the gate, in the background:
+        the response never waits for it."""
+        collect, self._collect_next = self._collect_next, False
+        await anyio.to_thread.run_sync(flush_gpu_memory, collect)
+        # Only when no task took over: the next task's reservation would push the fast
+        # model onto a CPU rung; the last task of a queue brings it back.
+        if self._unloaded_fast and not self._busy:
+            self._unloaded_fast = False
+            self.models.ensure_loaded_soon("fast")
+
+    async def recover_from_oom(self, kind: str, reason: str) -> list[str]:
+        """A ``kind`` run hit CUDA OOM: unload every model and every other pipeline before
+        its retry. Returns what was done."""
+        actions = []
+        if self.pipelines is not None:
+            freed = await self.pipelines.unload_idle(kind)
+            if freed:
+                actions.append(f"unloaded pipelines: {', '.join(freed)}")
+        out = await self.models.unload_all(reason=f"OOM in {reason}")
+        if out.unloaded:
+            self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
+            actions.append(f"unloaded all models: {', '.join(out.unloaded)}")
+        await anyio.to_thread.run_sync(flush_gpu_memory)
+        self._collect_next = True  # the retry leaves garbage from the failed run too
+        log.warning(
+            "Memory gate: OOM during %r; %s", reason, "; ".join(actions) or "nothing to unload"
+        )
+        return actions
+
+    @contextlib.asynccontextmanager
+    async def heavy_task(
+        self,
+        required_vram_mb: float,
+        reason: str,
+        *,
+        required_ram_mb: float | None = None,
+        kind: str | None = None,
+    ) -> AsyncIterator[HeavyTask]:
+        """Hold the gate for one heavy task; raises QueueFull, QueueTimeout or
+        InsufficientMemory (all 503 with Retry-After) when it cannot run."""
+        queued_ms = await self._acquire()
+        res: Reservation | None = None
+        t_start = time.monotonic()
+        try:
+            view = await self.placement.view()
+            need = task_need(view.device, required_vram_mb, required_ram_mb)
+            # Reserved before making room, so no model load can take the room we make.
+            res = self.ledger.reserve(need.device, need.mb, f"task:{reason}", "task")
+            decision = await self._make_room(need, reason, view, own=res, keep_pipeline=kind)
+            if not decision.ok:
+                raise InsufficientMemory(
+                    f"Not enough {need.memory} for {reason}: {need.mb:.0f} MB required, "
+                    f"{decision.usable_mb:.0f} MB usable after unloading every model",
+                    retry_after_s=max(5.0, self._mean_task_s),
+                    required_vram_mb=need.mb,
+                    free_vram_mb=decision.usable_mb,
+                    freed_mb=decision.freed_mb,
+                    device=need.device,
+                )
+            task = HeavyTask(
+                reason, kind, need.device, need.mb, queued_ms, decision, reservation=res
+            )
+            self.current = task
+            try:
+                yield task
+            finally:
+                self.current = None
+                elapsed = time.monotonic() - t_start
+                self._mean_task_s = 0.8 * self._mean_task_s + 0.2 * elapsed
+        finally:
+            self.ledger.release(res)
+            # Shielded: a cancelled request must still hand the slot on and clean up.
+            self._release()
+            post = asyncio.create_task(self._post_quietly(), name="edison-post-heavy-task")
+            self._background.add(post)
+            post.add_done_callback(self._background.discard)
+
+    async def _post_quietly(self) -> None:
+        try:
+            await self.post_heavy_task()
+        except Exception:  # noqa: BLE001 - cleanup must not fail anything
+            log.exception("post_heavy_task failed")

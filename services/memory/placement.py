@@ -1,0 +1,209 @@
+"""Placement: where work runs and how much memory it needs. The one place memory is decided.
+
+Every consumer asks here, and nowhere else:
+
+- **the device** work runs on (``cuda:<memory.device>`` when that GPU exists, else ``cpu``)
+  and its budget (:class:`DeviceView`: one snapshot and the ledger's figures on it);
+- **a load's start rung**: the first (GPU layers, context) pair of the ladder whose
+  GGUF-header estimate, plus the per-worker overhead, fits what is usable now
+  (:func:`start_rung`; the ModelManager walks down from there);
+- **a heavy task's need** (:func:`task_need`: VRAM on a GPU, RAM on the CPU), which the
+  gate reserves for the task's whole life;
+- **how memory is given back**: :func:`flush_gpu_memory` (gc, torch's cache) and
+  :func:`wait_gpu_memory_released` (NVML shows a dead worker's memory back).
+
+The gate (``gate.py``) acts on these figures; the swarm policy and ``/system/memory``
+read the very same ones.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from services.errors import InsufficientMemory
+from services.memory.gguf_estimate import Estimate, GGUFInfo, estimate, ladder
+from services.memory.ledger import CPU, DeviceBudget, MemoryLedger, Reservation
+from services.memory.probe import MemorySnapshot
+from services.settings import LadderSettings, Settings
+
+# Per-worker overheads the GGUF estimate does not see. RAM: a llama_cpp.server process
+# with a tiny model measured 80 MB RSS here. VRAM: each worker process holds its own
+# CUDA context (Ollama reserves 457 MiB per device); see docs/gpu-validation.md.
+WORKER_RAM_MB = 80.0
+CUDA_CONTEXT_MB = 400.0
+
+
+def work_device(snapshot: MemorySnapshot, gpu_index: int) -> str:
+    """The device work runs on: ``cuda:<index>`` when that GPU exists, else ``cpu``."""
+    return f"cuda:{gpu_index}" if snapshot.gpu(gpu_index) is not None else CPU
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One snapshot and the ledger's budget on the work device: what a decision sees."""
+
+    snapshot: MemorySnapshot
+    budget: DeviceBudget
+
+    @property
+    def device(self) -> str:
+        return self.budget.device
+
+
+class Placement:
+    """One per app: reads memory for every decision (gate, loads, swarm, /system/memory)."""
+
+    def __init__(self, settings: Settings, probe: Any, ledger: MemoryLedger) -> None:
+        self.settings = settings
+        self.probe = probe
+        self.ledger = ledger
+
+    async def view(self, *, exclude: Reservation | None = None) -> DeviceView:
+        """Probe (in a thread: NVML or nvidia-smi may block) and budget the work device.
+
+        ``exclude`` leaves one reservation out, so its holder sees what it may use.
+        """
+        snap = await anyio.to_thread.run_sync(self.probe.snapshot)
+        return self.view_of(snap, exclude=exclude)
+
+    def view_of(self, snap: MemorySnapshot, *, exclude: Reservation | None = None) -> DeviceView:
+        device = work_device(snap, self.settings.memory.device)
+        return DeviceView(snap, self.ledger.budget(snap, device, exclude=exclude))
+
+
+# ---- heavy tasks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskNeed:
+    """What one heavy task needs on its device, in MB (VRAM on a GPU, RAM on the CPU)."""
+
+    device: str
+    mb: float
+
+    @property
+    def memory(self) -> str:
+        return "RAM" if self.device == CPU else "VRAM"
+
+
+def task_need(device: str, required_vram_mb: float, required_ram_mb: float | None) -> TaskNeed:
+    """A task's need on ``device``: its VRAM figure on a GPU, its RAM figure on the CPU
+    (the VRAM figure when no RAM figure is given)."""
+    if device == CPU:
+        return TaskNeed(device, required_vram_mb if required_ram_mb is None else required_ram_mb)
+    return TaskNeed(device, required_vram_mb)
+
+
+# ---- model loads ------------------------------------------------------------------
+
+
+def load_need_mb(est: Estimate, device: str) -> float:
+    """What a load at this rung takes from ``device``'s budget, overheads included.
+
+    On the CPU: weights, KV and compute in RAM plus the worker process. On a GPU: the
+    VRAM estimate plus the worker's CUDA context (none when no layer is offloaded: such a
+    worker is hidden from the GPU and holds nothing there).
+    """
+    if device == CPU:
+        return est.ram_mb + est.vram_mb + WORKER_RAM_MB
+    return est.vram_mb + (CUDA_CONTEXT_MB if est.n_gpu_layers else 0.0)
+
+
+def load_rungs(
+    n_gpu_layers: int, n_ctx: int, lad: LadderSettings, info: GGUFInfo, device: str
+) -> list[tuple[int, int]]:
+    """The (GPU layers, context) rungs a load may try on ``device``, in order."""
+    rungs = ladder(n_gpu_layers, n_ctx, lad.gpu_layers, lad.context, info.n_layer, info.n_ctx_train)
+    if device == CPU:
+        # Without a GPU only the context matters: every layer count is the same load.
+        contexts = dict.fromkeys(ctx for _, ctx in rungs)
+        rungs = [(0, c) for c in contexts]
+    return rungs
+
+
+@dataclass(frozen=True)
+class StartRung:
+    """Where a load starts on the ladder, and why."""
+
+    index: int
+    need_mb: float  # what that rung is estimated to take, overheads included
+    usable_mb: float
+    fits: bool  # False: nothing fits on the GPU; the first CPU rung (needs no VRAM) is next
+
+
+def start_rung(
+    info: GGUFInfo,
+    rungs: Sequence[tuple[int, int]],
+    usable_mb: float,
+    device: str,
+    *,
+    what: str = "the model",
+    **estimate_kw: Any,
+) -> StartRung:
+    """The first rung whose need (estimate + overhead) fits ``usable_mb`` on ``device``.
+
+    When none fits on a GPU: the first CPU rung (0 GPU layers), or the last rung if there
+    is none. When none fits on the CPU: InsufficientMemory naming the smallest need.
+    ``estimate_kw`` goes to :func:`estimate` (kv_bytes_per_elem, n_batch).
+    """
+    if not rungs:
+        raise ValueError("no rungs to choose from")
+    needs = [load_need_mb(estimate(info, n, c, **estimate_kw), device) for n, c in rungs]
+    for i, need in enumerate(needs):
+        if need <= usable_mb:
+            return StartRung(i, need, usable_mb, True)
+    if device == CPU:
+        raise InsufficientMemory(
+            f"Not enough RAM to load {what}: needs {needs[-1]:.0f} MB, {usable_mb:.0f} MB usable",
+            device=CPU,
+            required_mb=round(needs[-1]),
+            free_mb=round(usable_mb),
+            tier=what,
+        )
+    i = next((i for i, (n, _) in enumerate(rungs) if n == 0), len(rungs) - 1)
+    return StartRung(i, needs[i], usable_mb, False)
+
+
+# ---- giving memory back -----------------------------------------------------------
+
+
+def flush_gpu_memory(collect: bool = True) -> None:
+    """The seed's _flush_gpu_memory: gc, then torch's cache where CUDA is in use.
+
+    torch.cuda.empty_cache() frees only torch's own cache (pipelines); llama.cpp memory
+    is given back by ending its worker process. ``collect=False`` skips the full gc: with
+    torch and diffusers imported it costs about 0.24 s of held GIL (docs/benchmarks.md),
+    worth paying only when objects were just dropped (an unloaded pipeline, an OOM).
+    Blocking: call it from a thread in async code.
+    """
+    if collect:
+        gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+async def wait_gpu_memory_released(
+    probe: Any, pid: int, timeout_s: float = 5.0, poll_s: float = 0.25
+) -> bool:
+    """Poll until ``pid`` holds no GPU memory; False if it still does after timeout_s.
+
+    True at once when per-process figures are unavailable (no NVML): there is then
+    nothing to wait on. ``probe`` is a MemoryProbe; its NVML calls may block, so they
+    run in a thread.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = await anyio.to_thread.run_sync(probe.process_vram_mb, [pid])
+        if used is None or used.get(pid, 0.0) <= 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await anyio.sleep(poll_s)

@@ -1,0 +1,59 @@
+"""What ``GET /system/memory`` shows: one snapshot, the figures decisions are taken on,
+and every consumer of memory (models, pipelines, tasks, other reservations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from services.generation.pipelines import PipelineInfo
+from services.llm.records import LoadedModel
+from services.memory.gate import GateState
+from services.memory.ledger import DeviceBudget, Reservation
+from services.memory.placement import Placement
+from services.memory.probe import GpuMemory
+
+if TYPE_CHECKING:
+    from services.generation.registry import PipelineRegistry
+    from services.llm.manager import ModelManager
+    from services.memory.gate import MemoryGate
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    ram_total_mb: float
+    ram_available_mb: float
+    ram_used_mb: float
+    gpus: tuple[GpuMemory, ...]
+    vram_source: str
+    timestamp: float
+    probe_ms: float
+    device: DeviceBudget  # the figures the gate, the loader and the swarm decide on
+    reservations: list[Reservation]
+    loaded_models: list[LoadedModel]
+    heavy_slot: str | None
+    gate: GateState
+    pipelines: list[PipelineInfo]
+
+
+async def memory_report(
+    placement: Placement, models: ModelManager, gate: MemoryGate, pipelines: PipelineRegistry
+) -> MemoryReport:
+    """Memory now, probed in a thread, with what holds it."""
+    view = await placement.view()
+    snap = view.snapshot
+    return MemoryReport(
+        ram_total_mb=snap.ram_total_mb,
+        ram_available_mb=snap.ram_available_mb,
+        ram_used_mb=snap.ram_used_mb,
+        gpus=snap.gpus,
+        vram_source=snap.vram_source,
+        timestamp=snap.timestamp,
+        probe_ms=snap.probe_ms,
+        device=view.budget,
+        reservations=placement.ledger.entries(),
+        loaded_models=models.loaded_models(),
+        heavy_slot=models.heavy_slot,
+        gate=gate.describe(),
+        pipelines=pipelines.describe(),
+    )

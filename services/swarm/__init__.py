@@ -1,0 +1,1 @@
+"""Several agents on one prompt: the memory policy and the runner that follows it."""

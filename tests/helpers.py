@@ -1,0 +1,163 @@
+"""Test helpers: waiting for a state, a real uvicorn server, a GPU that reports given numbers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import uvicorn
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; return that value.
+
+    Fails the test with ``what`` when ``timeout`` passes first. For states reached by
+    real processes and threads, which offer no event to wait on.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout:g} s: {what or predicate}")
+        time.sleep(interval)
+
+
+async def until(
+    predicate: Callable[[], T | Awaitable[T]],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.01,
+    what: str = "",
+) -> T:
+    """:func:`wait_until` for async tests: sleeps on the event loop between polls."""
+    try:
+        with anyio.fail_after(timeout):
+            while True:
+                value = predicate()
+                if isinstance(value, Awaitable):
+                    value = await value
+                if value:
+                    return value  # type: ignore[return-value]
+                await anyio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"not reached within {timeout:g} s: {what or predicate}") from None
+
+
+def wait_ready(client: Any) -> None:
+    """Poll a TestClient's /ready until start-up work (eager loads) is done."""
+    wait_until(
+        lambda: client.get("/ready").status_code == 200, timeout=60, what="the app became ready"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+class LiveServer:
+    """A real uvicorn server on a loopback port, in a thread of the test process."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(), what="uvicorn started"
+        )
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class FakeGpuProbe:
+    """A GPU that reports given numbers: the one thing that cannot exist on this machine.
+
+    ``used_mb`` is what other programs and Edison's own allocations occupy; tests move it
+    to play the driver. ``lag`` snapshots pass before a change of ``used_mb`` shows.
+    RAM figures are this machine's real ones.
+    """
+
+    def __init__(
+        self, total_mb: float = 12288, used_mb: float = 0, budget_mb: float | None = None
+    ) -> None:
+        from services.memory.probe import MemoryProbe
+
+        self.total_mb = total_mb
+        self.budget_mb = budget_mb
+        self._used = used_mb
+        self._pending: list[tuple[int, float]] = []
+        self.calls = 0
+        self._real = MemoryProbe(timeout_s=5)
+
+    @property
+    def used_mb(self) -> float:
+        return self._used
+
+    def set_used(self, used_mb: float, lag: int = 0) -> None:
+        if lag:
+            self._pending.append((self.calls + lag, used_mb))
+        else:
+            self._used = used_mb
+
+    def snapshot(self):  # noqa: ANN201
+        from services.memory.probe import GpuMemory, MemorySnapshot, _apply_budget
+
+        self.calls += 1
+        for due, value in list(self._pending):
+            if self.calls >= due:
+                self._used = value
+                self._pending.remove((due, value))
+        gpu = GpuMemory(0, "Fake 12GB", self.total_mb, self._used, self.total_mb - self._used)
+        ram = self._real.snapshot()
+        gpus = _apply_budget([gpu], self.budget_mb)
+        return MemorySnapshot(
+            ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, gpus, "fake", time.time()
+        )
+
+    def process_vram_mb(self, pids):  # noqa: ANN001, ANN201
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+def placement_for(settings: Any, probe: Any, *, reserve_vram_mb: float = 1024) -> Any:
+    """A Placement over ``probe`` with a fresh ledger (reserve RAM from the settings)."""
+    from services.memory.ledger import MemoryLedger
+    from services.memory.placement import Placement
+
+    ledger = MemoryLedger(
+        reserve_vram_mb=reserve_vram_mb, reserve_ram_mb=settings.memory.reserve_ram_mb
+    )
+    return Placement(settings, probe, ledger)

@@ -1,0 +1,256 @@
+"""MemoryGate decisions and queue.
+
+The decision table runs on a GPU that reports given numbers (FakeGpuProbe) and a model
+manager double that frees given amounts: both stand for a card that cannot exist on
+this machine. The queue tests run the real gate on this machine's real probe.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from services.errors import InsufficientMemory, QueueFull, QueueTimeout
+from services.llm.manager import ModelManager
+from services.llm.records import UnloadResult
+from services.memory.gate import MemoryGate
+from services.memory.probe import MemoryProbe
+from tests.helpers import FakeGpuProbe, placement_for, until
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedModels:
+    """Loaded models that free given MB of the fake card when unloaded (lag: polls)."""
+
+    def __init__(self, probe: FakeGpuProbe, heavy_mb: float, fast_mb: float, lag: int = 0):
+        self.probe, self.heavy_mb, self.fast_mb, self.lag = probe, heavy_mb, fast_mb, lag
+        self.heavy_slot = "medium" if heavy_mb else None
+        self.fast = bool(fast_mb)
+        self.calls: list[str] = []
+        self.reloads: list[str] = []
+        self.target = probe.used_mb  # what the card will show once the driver catches up
+
+    def loaded_models(self) -> list[str]:
+        return (["medium"] if self.heavy_slot else []) + (["fast"] if self.fast else [])
+
+    async def unload_heavy_slot(self, reason: str) -> UnloadResult:
+        self.calls.append("heavy")
+        self.target -= self.heavy_mb
+        self.probe.set_used(self.target, self.lag)
+        self.heavy_slot = None
+        return UnloadResult(["medium"], 0, self.heavy_mb)
+
+    async def unload_all(self, reason: str) -> UnloadResult:
+        self.calls.append("all")
+        gone = self.loaded_models()
+        freed = (self.heavy_mb if self.heavy_slot else 0) + (self.fast_mb if self.fast else 0)
+        self.target -= freed
+        self.probe.set_used(self.target, self.lag)
+        self.heavy_slot, self.fast = None, False
+        return UnloadResult(gone, 0, freed)
+
+    def ensure_loaded_soon(self, key: str) -> None:
+        self.reloads.append(key)
+
+
+def gate_for(make_settings, probe, models, **memory) -> MemoryGate:
+    settings = make_settings(
+        memory={"reserve_vram_mb": 1024, "recovery_wait_s": 2, "recovery_poll_s": 0.01, **memory}
+    )
+    return MemoryGate(settings, placement_for(settings, probe), models)
+
+
+# (used by others, heavy MB, fast MB, lag polls, required) -> (ok, unload calls, freed)
+CASES = [
+    pytest.param(2000, 0, 0, 0, 4000, True, [], 0, id="enough-memory"),
+    pytest.param(8000, 6000, 0, 0, 4000, True, ["heavy"], 6000, id="heavy-slot-is-enough"),
+    pytest.param(10500, 2000, 2000, 0, 4000, True, ["heavy", "all"], 4000, id="needs-unload-all"),
+    pytest.param(10500, 2000, 2000, 3, 4000, True, ["heavy", "all"], 4000, id="driver-lags"),
+    pytest.param(11500, 0, 0, 0, 4000, False, [], 0, id="nothing-to-unload"),
+    pytest.param(11800, 3000, 2000, 0, 9000, False, ["heavy", "all"], 5000, id="too-big-anyway"),
+    pytest.param(7264, 0, 0, 0, 4000, True, [], 0, id="exactly-enough"),
+    pytest.param(7265, 0, 0, 0, 4000, False, [], 0, id="one-mb-short"),
+]
+
+
+@pytest.mark.parametrize("used, heavy, fast, lag, required, ok, calls, freed", CASES)
+async def test_pre_heavy_task_decisions(
+    make_settings, caplog, used, heavy, fast, lag, required, ok, calls, freed
+) -> None:
+    probe = FakeGpuProbe(total_mb=12288, used_mb=used)
+    models = ScriptedModels(probe, heavy, fast, lag)
+    gate = gate_for(make_settings, probe, models)
+    with caplog.at_level(logging.INFO, logger="edison.gate"):
+        result = await gate.pre_heavy_task(required, "test")
+    assert result.ok is ok
+    assert models.calls == calls
+    assert result.freed_mb == freed
+    assert result.device == "cuda:0"
+    assert result.usable_mb == max(0, 12288 - (used - freed) - 1024)
+    assert f"Memory gate: ok={ok}, freed={freed}MB" in caplog.text
+    assert result.required_mb == required and result.reason == "test"
+    # The figures of the last check are the decision's own.
+    assert result.budget.usable_mb == result.usable_mb
+    assert result.budget.reserve_mb == 1024 and result.budget.capacity_mb == 12288
+    assert gate.describe().last_decisions == [result]
+    assert gate.outcomes == {"ok" if ok else "refused": 1}
+
+
+async def test_other_reservations_count_against_the_task(make_settings) -> None:
+    """A model load under way holds memory the driver does not show yet."""
+    probe = FakeGpuProbe(total_mb=12288, used_mb=1000)
+    gate = gate_for(make_settings, probe, ScriptedModels(probe, 0, 0))
+    gate.ledger.reserve("cuda:0", 7500, "model:deep", "model")
+    result = await gate.pre_heavy_task(4000, "image")
+    assert not result.ok
+    assert result.usable_mb == 12288 - 7500 - 1024
+
+
+async def test_budget_caps_the_card(make_settings) -> None:
+    probe = FakeGpuProbe(total_mb=143771, used_mb=1000, budget_mb=12288)
+    gate = gate_for(make_settings, probe, ScriptedModels(probe, 0, 0))
+    result = await gate.pre_heavy_task(12000, "video")
+    assert not result.ok and result.usable_mb == 12288 - 1000 - 1024
+
+
+async def test_heavy_task_refusal_is_insufficient_memory_and_releases(make_settings) -> None:
+    probe = FakeGpuProbe(total_mb=12288, used_mb=11000)
+    gate = gate_for(make_settings, probe, ScriptedModels(probe, 0, 0))
+    with pytest.raises(InsufficientMemory) as err:
+        async with gate.heavy_task(4000, "image: x"):
+            pytest.fail("must not run")
+    assert err.value.code == "insufficient_vram"
+    assert err.value.details["required_vram_mb"] == 4000
+    assert err.value.retry_after_s >= 1
+    assert gate.ledger.entries() == [] and gate.describe().state == "idle"
+
+
+async def test_heavy_task_takes_one_snapshot_when_memory_suffices(make_settings) -> None:
+    """The task's need is computed once per decision: one probe, one reservation."""
+    probe = FakeGpuProbe(total_mb=12288, used_mb=1000)
+    gate = gate_for(make_settings, probe, ScriptedModels(probe, 0, 0))
+    async with gate.heavy_task(4000, "image: x", required_ram_mb=64, kind="image") as task:
+        assert probe.calls == 1
+        assert task.decision.actions == ["enough memory"] and task.kind == "image"
+        assert [(r.device, r.mb, r.kind) for r in gate.ledger.entries()] == [
+            ("cuda:0", 4000, "task")
+        ]
+    assert gate.ledger.entries() == []
+
+
+async def test_fast_model_comes_back_after_the_gate_unloaded_it(make_settings) -> None:
+    probe = FakeGpuProbe(total_mb=12288, used_mb=10000)
+    models = ScriptedModels(probe, 0, 4000)
+    gate = gate_for(make_settings, probe, models)
+    async with gate.heavy_task(4000, "image: x") as task:
+        assert task.decision.ok and models.calls == ["all"]
+        assert models.reloads == []  # not while the task runs
+    await until(lambda: models.reloads == ["fast"], timeout=10)
+
+
+# ---- the queue, on the real probe of this machine ------------------------------------
+
+
+def real_gate(make_settings, **queue) -> MemoryGate:
+    settings = make_settings(queue=queue, memory={"reserve_ram_mb": 0})
+    placement = placement_for(settings, MemoryProbe(timeout_s=5))
+    return MemoryGate(settings, placement, ModelManager(settings, placement))
+
+
+async def test_real_probe_gate_checks_ram_without_a_gpu(make_settings) -> None:
+    gate = real_gate(make_settings)
+    snap = gate.placement.probe.snapshot()
+    if snap.gpus:
+        pytest.skip("this machine has a GPU")
+    ok = await gate.pre_heavy_task(4000, "music", required_ram_mb=64)
+    assert ok.ok and ok.device == "cpu"
+    too_much = await gate.pre_heavy_task(4000, "music", required_ram_mb=snap.ram_total_mb * 4)
+    assert not too_much.ok and too_much.device == "cpu"
+    assert too_much.required_mb == snap.ram_total_mb * 4 and too_much.actions == [
+        "nothing to unload"
+    ]
+
+
+async def test_tasks_run_one_at_a_time_in_fifo_order(make_settings) -> None:
+    gate = real_gate(make_settings, max_waiting=10)
+    order: list[int] = []
+    running = {"now": 0, "most": 0}
+
+    async def task(i: int) -> None:
+        async with gate.heavy_task(0, f"t{i}", required_ram_mb=1) as held:
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+            order.append(i)
+            assert gate.describe().current is held and gate.describe().state == "busy"
+            await anyio.sleep(0.01)
+            running["now"] -= 1
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(task, i)
+            await anyio.lowlevel.checkpoint()  # arrive in order
+    assert order == list(range(6))
+    assert running["most"] == 1
+    assert gate.ledger.entries() == [] and gate.describe().state == "idle"
+
+
+async def test_queue_full_and_queue_timeout(make_settings) -> None:
+    gate = real_gate(make_settings, max_waiting=1, max_wait_s=0.3)
+    hold = anyio.Event()
+    errors: list[Exception] = []
+
+    async def holder() -> None:
+        async with gate.heavy_task(0, "holder", required_ram_mb=1):
+            await hold.wait()
+
+    async def waiter() -> None:
+        try:
+            async with gate.heavy_task(0, "waiter", required_ram_mb=1):
+                pass
+        except QueueTimeout as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder)
+        await anyio.sleep(0.01)
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        assert gate.queue_length == 1
+        with pytest.raises(QueueFull) as full:
+            async with gate.heavy_task(0, "third", required_ram_mb=1):
+                pass
+        assert full.value.retry_after_s >= 1
+        await until(lambda: errors, timeout=10)
+        hold.set()
+    assert isinstance(errors[0], QueueTimeout)
+    assert gate.queue_length == 0 and gate.describe().state == "idle"
+    assert gate.outcomes["queue_full"] == 1 and gate.outcomes["queue_timeout"] == 1
+
+
+async def test_cancelled_waiter_and_cancelled_holder_release(make_settings) -> None:
+    gate = real_gate(make_settings, max_waiting=5)
+    ran: list[str] = []
+
+    async def run(name: str, forever: bool = False) -> None:
+        async with gate.heavy_task(0, name, required_ram_mb=1):
+            ran.append(name)
+            if forever:
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "holder", True)
+        await anyio.sleep(0.01)
+        async with anyio.create_task_group() as inner:
+            inner.start_soon(run, "cancelled-waiter")
+            await anyio.sleep(0.01)
+            inner.cancel_scope.cancel()
+        tg.start_soon(run, "last")
+        await anyio.sleep(0.01)
+        assert ran == ["holder"] and gate.queue_length == 1
+        tg.cancel_scope.cancel()  # cancels the holder mid-task and "last" gets nothing
+    assert gate.ledger.entries() == []
+    assert gate.describe().state == "idle" and gate.queue_length == 0
