@@ -61,7 +61,7 @@ async def _startup_work(app: FastAPI) -> None:
             # The first generation would otherwise pay for importing torch and diffusers.
             await to_thread.run_sync(importlib.import_module, "diffusers")
         outcome = await state.models.load_llm_models()
-        loads = ", ".join(f"{k}: {v}" for k, v in outcome.items()) or "no tiers configured"
+        loads = ", ".join(f"{e.tier}: {e.outcome}" for e in outcome) or "no tiers configured"
         state.startup_detail = f"{probe}; models: {loads}"
     except Exception as exc:  # noqa: BLE001 - a failed start-up step must not kill the app
         state.startup_detail = f"start-up failed: {exc}"

@@ -27,6 +27,7 @@ from services.errors import InsufficientMemory, ModelLoadFailed, ModelUnavailabl
 from services.llm.loader import LadderLoader
 from services.llm.records import (
     FALLBACKS,
+    EagerLoad,
     LoadedModel,
     Resolution,
     TierState,
@@ -121,7 +122,7 @@ class ModelManager:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def load_llm_models(self) -> dict[str, str]:
+    async def load_llm_models(self) -> list[EagerLoad]:
         """The eager loader: fast -> medium -> deep -> reasoning -> vision, as far as
         ``preload``, memory and the heavy slot allow. Returns what happened per tier."""
         outcome: dict[str, str] = {}
@@ -141,7 +142,7 @@ class ModelManager:
             except Exception as exc:  # noqa: BLE001 - one tier failing must not stop the others
                 outcome[name] = f"failed: {exc}"
         log.info("Eager load: %s", ", ".join(f"{k}={v}" for k, v in outcome.items()))
-        return outcome
+        return [EagerLoad(tier, what) for tier, what in outcome.items()]
 
     # ---- loading -------------------------------------------------------------------
     async def load(self, key: str, *, reason: str = "request") -> LoadedModel:

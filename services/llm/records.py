@@ -119,6 +119,14 @@ class TierView:
 
 
 @dataclass(frozen=True)
+class EagerLoad:
+    """What the start-up loader did with one tier."""
+
+    tier: str
+    outcome: str  # loaded | on demand | skipped: ... | failed: ...
+
+
+@dataclass(frozen=True)
 class UnloadResult:
     """What an unload did: the tiers it ended, memory measured back, what the ledger held."""
 

@@ -356,11 +356,13 @@ class MemoryGate:
             self.ledger.release(res)
             # Shielded: a cancelled request must still hand the slot on and clean up.
             self._release()
-            post = asyncio.create_task(self._post_quietly(), name="edison-post-heavy-task")
+            post = asyncio.create_task(
+                self._flush_and_restore_quietly(), name="edison-post-heavy-task"
+            )
             self._background.add(post)
             post.add_done_callback(self._background.discard)
 
-    async def _post_quietly(self) -> None:
+    async def _flush_and_restore_quietly(self) -> None:
         try:
             await self.post_heavy_task()
         except Exception:  # noqa: BLE001 - cleanup must not fail anything

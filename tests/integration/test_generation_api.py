@@ -67,6 +67,17 @@ def test_image_png_at_the_asked_size(gen_settings, live_server) -> None:
         png = httpx.get(f"{server.url}{out['url']}", timeout=30)
         assert png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (64, 48)
+        assert (out["width"], out["height"]) == (64, 48)
+    assert body["params"]["prompt"] == "a red cat" and body["params"]["num_images"] == 2
+    # The operator sees the pipeline that now holds memory, and what it holds.
+    memory = httpx.get(f"{server.url}/system/memory", timeout=30).json()
+    [image] = memory["pipelines"]
+    host = server.app.state.pipelines.hosts["image"]
+    assert image["kind"] == "image" and image["loaded"] is True and image["running"] is False
+    assert image["device"] == "cpu" and image["dtype"] == "float32" and image["savers"] is False
+    assert image["weights_mb"] == host.weights_mb > 0 and image["loads"] == 1
+    assert image["class_name"] == "StableDiffusionPipeline"
+    assert memory["gate"]["last_decisions"][-1]["reason"].startswith("image: a red cat")
 
 
 def test_video_mp4_frames_and_gif(gen_settings, live_server) -> None:

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from services.llm.manager import ModelManager
 
 # ---- real swarms over HTTP ----------------------------------------------------------
 
@@ -72,8 +73,18 @@ def test_normal_mode_every_agent_on_its_tier(make_settings, tiny_dir, caplog) ->
         assert len(out["timings_ms"]["rounds"]) == 2
 
 
-def test_time_slice_loads_each_group_once_per_round(make_settings, tiny_dir, caplog) -> None:
+def test_time_slice_loads_each_group_once_per_round(
+    make_settings, tiny_dir, caplog, monkeypatch
+) -> None:
     app = create_app(make_settings(models=tiers(tiny_dir, "fast", "medium", "deep")))
+    resolved: list[str] = []
+    real_resolve = ModelManager.resolve
+
+    async def counting_resolve(self: ModelManager, key: str, **kw: Any) -> Any:
+        resolved.append(key)
+        return await real_resolve(self, key, **kw)
+
+    monkeypatch.setattr(ModelManager, "resolve", counting_resolve)
     with TestClient(app) as client, caplog.at_level(logging.INFO, logger="edison.swarm"):
         # Force time_slice from the figure the policy itself reads: usable between the
         # threshold and twice the threshold (RAM on this CPU-only host).
@@ -99,6 +110,8 @@ def test_time_slice_loads_each_group_once_per_round(make_settings, tiny_dir, cap
         assert not any(s["concurrent"] for s in out["schedule"])
         assert app.state.models.loads_total() == sum(per_round) == 3
         assert loads(app) == {"fast": 0, "medium": 2, "deep": 1}
+        # One resolution per group and round: the agents' completions use the held tier.
+        assert resolved == ["medium", "deep", "deep", "medium"]
 
 
 def test_degraded_mode_puts_every_agent_on_the_fallback_tier(
