@@ -27,7 +27,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libgomp1 curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 edison \
- && mkdir -p /var/lib/edison/outputs && chown edison /var/lib/edison/outputs
+ && mkdir -p /var/lib/edison/outputs /var/lib/edison/state \
+ && chown edison /var/lib/edison/outputs /var/lib/edison/state
 COPY --from=build /opt/edison /opt/edison
 COPY config/edison.yaml /etc/edison/edison.yaml
 USER 10001

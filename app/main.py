@@ -85,9 +85,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.models = ModelManager(settings, state.placement, **app.state.manager_options)
     state.chat = ChatProxy(state.models)
     state.swarm = SwarmService(settings, state.placement, state.models, state.chat)
-    state.pipelines = PipelineRegistry(settings)
+    state.pipelines = PipelineRegistry(settings, state.placement)
     state.gate = MemoryGate(settings, state.placement, state.models, pipelines=state.pipelines)
     state.metrics = Metrics()
+    state.pipelines.on_measured = state.metrics.observe_prediction
     state.jobs = JobService(
         settings, state.gate, state.pipelines, observe=state.metrics.observe_task
     )

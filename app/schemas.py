@@ -82,12 +82,21 @@ class GateDecisionInfo(BaseModel):
     ok: bool
     reason: str = Field(description="The task, e.g. `image: a lighthouse`.")
     device: str
-    required_mb: float
+    required_mb: float = Field(description="What the task reserved.")
+    need_source: str = Field(
+        description="`learned` (predicted from measured runs), `prior` (the configured "
+        "`required_vram_mb` / `required_ram_mb`) or `given`."
+    )
+    need_detail: str = Field(description="What the need is of, e.g. `1 x 512x512 image`.")
     usable_mb: float = Field(description="Usable at the last check.")
     freed_mb: float = Field(description="Driver-free memory gained while making room, measured.")
     waited_ms: float
     actions: list[str] = Field(description="What was unloaded, in order.")
     budget: DeviceBudgetInfo = Field(description="The figures of the last check.")
+    ceiling_mb: float = Field(
+        description="The most unloading everything Edison holds could make usable; a need "
+        "above it is refused at once, unloading nothing."
+    )
     at: float = Field(description="Unix time of the decision.")
 
 
@@ -113,6 +122,31 @@ class GateInfo(BaseModel):
     last_decisions: list[GateDecisionInfo] = Field(default_factory=list)
 
 
+class PipelineModelInfo(BaseModel):
+    """A pipeline's learned memory model: working MB = (a + b x size) x margin."""
+
+    key: str = Field(description="folder|dtype|device: runs of other pipelines never mix.")
+    unit: str = Field(description="What size counts: `latent elements` or `audio samples`.")
+    samples: int = Field(description="Measured runs kept.")
+    learned: bool = Field(description="Whether predictions come from the fit yet.")
+    a_mb: float | None
+    b_mb_per_unit: float | None
+    margin: float | None = Field(description="p95 of measured / fitted, x margin_factor, >= 1.1.")
+    resident_mb: float | None = Field(description="Weights and what runs left, measured.")
+    oom_marks: int = Field(description="CUDA out-of-memory events that floor predictions.")
+    dropped: int = Field(description="Impossible measurements refused.")
+    last_size: float | None
+    last_predicted_mb: float | None = Field(description="Working MB the last run was predicted.")
+    last_measured_mb: float | None = Field(description="Working MB it really took.")
+
+
+class WorkerOverheadInfo(BaseModel):
+    device: str
+    mb: float = Field(description="What an LLM worker needs beyond its GGUF estimate.")
+    samples: int = Field(description="Loads measured on the device.")
+    source: str = Field(description="`learned` or `prior` (memory.worker_overhead_prior_mb).")
+
+
 class PipelineInfoOut(BaseModel):
     kind: str = Field(examples=["image"])
     folder: str | None
@@ -125,11 +159,15 @@ class PipelineInfoOut(BaseModel):
         description="Memory savers (CPU offload, VAE slicing/tiling) on; null: unknown."
     )
     weights_mb: float | None = Field(description="Parameters and buffers held, measured.")
+    persisted_mb: float | None = Field(description="What runs left allocated since the load.")
     loads: int = Field(description="Loads since start.")
     last_used_at: float
     load_error: str | None
     sample_rate: int | None = Field(None, description="Music: output sample rate.")
     max_duration_s: float | None = Field(None, description="Music: the longest clip.")
+    memory_model: PipelineModelInfo | None = Field(
+        None, description="What a request is predicted to need, learned from measured runs."
+    )
 
 
 class SystemMemory(BaseModel):
@@ -146,6 +184,9 @@ class SystemMemory(BaseModel):
     timestamp: float = Field(description="Unix time of the snapshot.")
     probe_ms: float = Field(description="How long the probe took.")
     device: DeviceBudgetInfo = Field(description="The figures the gate and loader decide on.")
+    worker_overhead: WorkerOverheadInfo = Field(
+        description="What an LLM worker costs on the device beyond its GGUF estimate."
+    )
     reservations: list[ReservationInfo] = Field(description="The memory ledger's entries.")
     loaded_models: list[LoadedModelInfo]
     heavy_slot: str | None = Field(description="Key of the heavy model loaded, if any.")

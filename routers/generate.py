@@ -119,7 +119,7 @@ PreferHeader = Annotated[
 async def _submit(
     request: Request, jobs: JobService, kind: str, params: GenerationParams, prefer: str | None
 ) -> JobView | JSONResponse:
-    job = jobs.submit(kind, params)  # checks the config's limits: 422 naming the field
+    job = await jobs.submit(kind, params)  # checks limits and fit: 422 naming the field
     if prefer and "respond-async" in prefer.lower():
         return JSONResponse(
             Accepted(job_id=job.id, status_url=f"/jobs/{job.id}").model_dump(),

@@ -60,6 +60,9 @@ class UnloadResultOut(BaseModel):
     unloaded: list[str] = Field(description="Tiers unloaded.")
     freed_mb: float = Field(description="Free memory gained on the device, measured.")
     held_mb: float = Field(description="What the ledger held for them.")
+    settling: bool = Field(
+        description="Whether a release was not confirmed (no NVML): the driver may lag."
+    )
 
 
 @router.get("/v1/models", response_model=OpenAIModelList, summary="Tiers, OpenAI style")

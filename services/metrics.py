@@ -42,10 +42,22 @@ class Metrics:
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
+        self.prediction_ratio = Histogram(
+            "edison_memory_prediction_ratio",
+            "Measured working memory of a generation run / its learned prediction "
+            "(margin included): below 1 the prediction covered the peak.",
+            ["kind"],
+            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4),
+            registry=r,
+        )
         self._seen_outcomes: dict[str, int] = {}
 
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
         self.task_seconds.labels(endpoint=f"/generate-{kind}", status=status).observe(seconds)
+
+    def observe_prediction(self, kind: str, predicted_mb: float, measured_mb: float) -> None:
+        if predicted_mb > 0:
+            self.prediction_ratio.labels(kind=kind).observe(measured_mb / predicted_mb)
 
     def render(
         self, snap: MemorySnapshot, ledger: MemoryLedger, models: ModelManager, gate: MemoryGate

@@ -85,6 +85,32 @@ class MemorySettings(_Section):
     recovery_poll_s: float = Field(
         0.25, gt=0, le=5, description="Polling interval while waiting for memory to come back."
     )
+    learn_after: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Runs of a pipeline measured before its learned memory model replaces "
+        "`generation.<kind>.required_vram_mb` / `required_ram_mb` (the prior).",
+    )
+    margin_factor: float = Field(
+        1.05,
+        ge=1.0,
+        le=10.0,
+        description="Safety margin of a learned prediction: the 95th percentile of measured / "
+        "fitted peaks, times this factor, never below 1.1.",
+    )
+    worker_overhead_prior_mb: float = Field(
+        512,
+        ge=0,
+        le=65536,
+        description="What an LLM worker needs beyond its GGUF estimate (CUDA context, runtime) "
+        "until a load on the device has been measured.",
+    )
+    state_dir: Path = Field(
+        Path("var/state"),
+        description="Folder where learned memory models are kept across restarts "
+        "(`memory-models.json`); a corrupt file is logged and ignored.",
+    )
 
 
 class TierSettings(_Section):
@@ -270,6 +296,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             section[key] = str(p if p.is_absolute() else (base / p))
 
     fix(data.get("server"), "outputs_dir")
+    fix(data.get("memory"), "state_dir")
     for tier in (data.get("models") or {}).values():
         fix(tier, "path")
         fix(tier, "clip_path")
@@ -293,7 +320,7 @@ def check_files(settings: Settings, source: str) -> None:
             p = getattr(tier, key, None)
             if p is not None and not (p.is_file() and os.access(p, os.R_OK)):
                 problems.append(f"models.{name}.{key}: cannot read file {p}")
-    for name in ("image", "video", "music"):
+    for name in KINDS:
         p = getattr(settings.generation, name).pipeline
         if p is not None and not (p / "model_index.json").is_file():
             problems.append(f"generation.{name}.pipeline: no diffusers pipeline at {p}")

@@ -43,7 +43,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         data = deep_merge(
             {
                 "server": {"outputs_dir": str(tmp_path / "outputs"), "log_level": "debug"},
-                "memory": {"reserve_ram_mb": 0},
+                "memory": {"reserve_ram_mb": 0, "state_dir": str(tmp_path / "state")},
             },
             sections,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -23,8 +24,10 @@ from typing import Any
 from services.errors import Cancelled, EdisonError, InsufficientMemory, InvalidRequest, NotFound
 from services.generation.params import GenerationParams, RunResult
 from services.generation.pipelines import PipelineOOM
-from services.generation.registry import PipelineRegistry
+from services.generation.registry import PipelineRegistry, PredictedNeed
+from services.generation.sizing import PipelineShape
 from services.memory.gate import GateDecision, MemoryGate
+from services.memory.placement import TaskNeed
 from services.settings import KINDS, Settings
 
 log = logging.getLogger("edison.generation")
@@ -88,6 +91,8 @@ class Job:
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     exc: EdisonError | None = field(default=None, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    shape: PipelineShape | None = field(default=None, repr=False)
+    predicted: PredictedNeed | None = field(default=None, repr=False)
 
 
 Observer = Callable[[str, str, float], None]  # (kind, status, seconds), for metrics
@@ -144,10 +149,17 @@ class JobService:
                 )
         return dataclasses.replace(params, steps=steps)
 
-    def submit(self, kind: str, params: GenerationParams) -> Job:
-        """Check the request, queue it as a job and start it; returns at once."""
+    async def submit(self, kind: str, params: GenerationParams) -> Job:
+        """Check the request, queue it as a job and start it; returns once it is queued.
+
+        A request whose learned need exceeds what the device could ever give (its whole
+        memory less the reserve) is refused here: InvalidRequest naming the field that
+        makes it large, with the prediction."""
         params = self.prepare(kind, params)
-        job = Job(uuid.uuid4().hex, kind, params)
+        shape = await self.pipelines.shape(kind)
+        if shape is not None:
+            await self._check_it_can_ever_fit(kind, params, shape)
+        job = Job(uuid.uuid4().hex, kind, params, shape=shape)
         job.progress.total = params.steps or 0
         self.jobs[job.id] = job
         while len(self.jobs) > MAX_JOBS_KEPT:
@@ -157,6 +169,26 @@ class JobService:
             self.jobs.pop(old_id)
         job.task = asyncio.create_task(self._run(job), name=f"edison-job-{job.id}")
         return job
+
+    async def _check_it_can_ever_fit(
+        self, kind: str, params: GenerationParams, shape: PipelineShape
+    ) -> None:
+        view = await self.pipelines.placement.view()
+        p = self.pipelines.predict(kind, view.device, params, shape)
+        most = view.budget.capacity_mb - view.budget.reserve_mb
+        if p.need.source == "learned" and p.need.mb > most:
+            raise InvalidRequest(
+                p.size.field,
+                f"{p.size.text} is predicted to need {p.need.mb:.0f} MB of {p.need.memory} "
+                f"(learned from measured runs); {view.device} can never give more than "
+                f"{most:.0f} MB",
+            )
+
+    def _predict(self, job: Job, device: str) -> TaskNeed:
+        """The gate's figure for this job on ``device`` (kept on the job for learning)."""
+        assert job.shape is not None
+        job.predicted = self.pipelines.predict(job.kind, device, job.params, job.shape)
+        return job.predicted.need
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -185,8 +217,13 @@ class JobService:
         cfg = self.pipelines.config(job.kind)
         reason = f"{job.kind}: {job.params.prompt[:40]}"
         try:
+            need_on = None if job.shape is None else functools.partial(self._predict, job)
             async with self.gate.heavy_task(
-                cfg.required_vram_mb, reason, required_ram_mb=cfg.required_ram_mb, kind=job.kind
+                cfg.required_vram_mb,
+                reason,
+                required_ram_mb=cfg.required_ram_mb,
+                kind=job.kind,
+                need_on=need_on,
             ) as task:
                 if job.cancel_event.is_set():
                     raise Cancelled("Cancelled before it ran")
@@ -225,6 +262,8 @@ class JobService:
             return await self._run_pipeline(job, device, savers=False)
         except PipelineOOM:
             log.warning("CUDA out of memory in %s: retrying once with memory savers", reason)
+            if job.predicted is not None:
+                self.pipelines.record_oom(job.predicted)
         await self.gate.recover_from_oom(job.kind, reason)
         try:
             return await self._run_pipeline(job, device, savers=True)
@@ -249,6 +288,7 @@ class JobService:
             on_step=on_step,
             should_cancel=job.cancel_event.is_set,
             savers=savers,
+            predicted=job.predicted,
         )
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.memory.peak import PeakReading
+
 
 @dataclass
 class GenerationParams:
@@ -40,3 +42,4 @@ class RunResult:
     load_ms: float
     run_ms: float
     used_savers: bool
+    peak: PeakReading | None = None  # the call's measured memory on its device

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 from services.errors import Cancelled, InsufficientMemory, ModelUnavailable
 from services.generation.outputs import max_audio_s, sample_rate, write_outputs
 from services.generation.params import GenerationParams, RunResult
+from services.memory.learning import PipelineModelView
+from services.memory.peak import measure
 from services.memory.placement import flush_gpu_memory
 from services.settings import KINDS
 
@@ -39,11 +41,13 @@ class PipelineInfo:
     class_name: str | None
     savers: bool | None  # False: all on the device; True: offload/slicing on; None: unknown
     weights_mb: float | None  # parameters and buffers of the loaded components, measured
+    persisted_mb: float | None  # what runs left allocated since the load, measured
     loads: int  # loads since start
     last_used_at: float
     load_error: str | None
     sample_rate: int | None = None  # music
     max_duration_s: float | None = None  # music: the pipeline's longest clip
+    memory_model: PipelineModelView | None = None  # the learned need (set by the registry)
 
 
 class PipelineOOM(InsufficientMemory):
@@ -88,6 +92,7 @@ class PipelineHost:
         self.last_used_at = 0.0
         self.load_error: str | None = None
         self.loads = 0
+        self.persisted_mb = 0.0  # what runs left allocated since the load (first-call init)
         self.weights_mb: float | None = None
         self.dtype: str | None = None
         self._pipe: Any = None
@@ -118,12 +123,18 @@ class PipelineHost:
             class_name=type(pipe).__name__ if pipe is not None else None,
             savers=self._savers if pipe is not None else None,
             weights_mb=self.weights_mb if pipe is not None else None,
+            persisted_mb=round(self.persisted_mb, 2) if pipe is not None else None,
             loads=self.loads,
             last_used_at=self.last_used_at,
             load_error=self.load_error,
             sample_rate=sample_rate(pipe) if music else None,
             max_duration_s=max_audio_s(pipe) if music else None,
         )
+
+    @property
+    def resident_mb(self) -> float | None:
+        """What the loaded pipeline holds on its device: weights plus what runs left."""
+        return None if self.weights_mb is None else self.weights_mb + self.persisted_mb
 
     def longest_clip_s(self) -> float | None:
         """The loaded music pipeline's longest clip; None when unknown or unlimited."""
@@ -154,7 +165,7 @@ class PipelineHost:
         from diffusers import DiffusionPipeline
 
         start = time.perf_counter()
-        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
+        dtype = getattr(torch, load_dtype(self.device))
         oom = None
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
@@ -179,6 +190,7 @@ class PipelineHost:
         self.last_used_at = time.time()
         self.loads += 1
         self.weights_mb = _weights_mb(pipe)
+        self.persisted_mb = 0.0
         self.dtype = str(dtype).removeprefix("torch.")
         return (time.perf_counter() - start) * 1000
 
@@ -236,7 +248,8 @@ class PipelineHost:
             try:
                 # Inside the try: moving weights back onto the card can run out of memory too.
                 self._apply_savers(savers)
-                out = pipe(**kwargs)
+                with measure(self.device) as meter:
+                    out = pipe(**kwargs)
             except Exception as exc:
                 if not is_cuda_oom(exc):
                     raise
@@ -257,7 +270,10 @@ class PipelineHost:
                 )
             run_ms = (time.perf_counter() - start) * 1000
             outputs = write_outputs(self.kind, self.outputs_dir, pipe, out, params)
-            return RunResult(outputs, seed, load_ms, run_ms, used_savers=savers)
+            peak = meter.reading
+            if peak is not None and peak.sane:
+                self.persisted_mb += peak.persisted_mb
+            return RunResult(outputs, seed, load_ms, run_ms, used_savers=savers, peak=peak)
 
     def _call_kwargs(
         self,
@@ -316,6 +332,11 @@ class PipelineHost:
             if "callback_steps" in accepted:
                 kwargs["callback_steps"] = 1
         return kwargs
+
+
+def load_dtype(device: str) -> str:
+    """The dtype a pipeline is loaded in on ``device``: float16 on CUDA, float32 on the CPU."""
+    return "float16" if device.startswith("cuda") else "float32"
 
 
 def _weights_mb(pipe: Any) -> float:

@@ -2,12 +2,16 @@
 
 The registry runs every pipeline call itself (in a worker thread), so it knows which
 pipelines are running: the gate may unload only the idle ones, and the idle reaper
-never releases a pipeline under a run.
+never releases a pipeline under a run. It also keeps the memory books of pipelines:
+what a request is predicted to need (sized from the folder's config, learned from
+measured runs), each run's measured peak, and a ledger entry for each loaded pipeline's
+resident memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -16,22 +20,42 @@ from collections.abc import Callable
 import anyio
 
 from services.generation.params import GenerationParams, RunResult
-from services.generation.pipelines import PipelineHost, PipelineInfo
+from services.generation.pipelines import PipelineHost, PipelineInfo, load_dtype
+from services.generation.sizing import PipelineShape, RequestSize, read_shape, request_size
+from services.memory.learning import Prediction
+from services.memory.ledger import CPU, Reservation
+from services.memory.placement import Placement, TaskNeed
 from services.settings import PipelineSettings, Settings
 
 log = logging.getLogger("edison.generation")
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictedNeed:
+    """A request's need on a device, and the prediction behind it."""
+
+    need: TaskNeed
+    prediction: Prediction
+    size: RequestSize
+    key: str  # the memory model it came from: folder|dtype|device
+
+
 class PipelineRegistry:
     """One per app. Async API; every blocking call goes to a thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, placement: Placement) -> None:
         self.settings = settings
+        self.placement = placement
+        self.learned = placement.learned
         self.hosts: dict[str, PipelineHost] = {}
+        self._shapes: dict[str, PipelineShape] = {}
         # Why a set of kinds and no lock: only the event loop reads and writes it; a
         # thread runs the pipeline while the kind is in it.
         self._running: set[str] = set()
+        self._held: dict[str, Reservation] = {}  # ledger entries of loaded pipelines
         self._reaper: asyncio.Task[None] | None = None
+        # (kind, predicted MB, measured MB) of each learned prediction, for the metrics
+        self.on_measured: Callable[[str, float, float], None] | None = None
 
     def config(self, kind: str) -> PipelineSettings:
         return getattr(self.settings.generation, kind)
@@ -48,14 +72,104 @@ class PipelineRegistry:
     def is_running(self, kind: str) -> bool:
         return kind in self._running
 
+    def model_key(self, kind: str, device: str) -> str:
+        return f"{self.config(kind).pipeline}|{load_dtype(device)}|{device}"
+
     def describe(self) -> list[PipelineInfo]:
-        return [h.describe(running=k in self._running) for k, h in self.hosts.items()]
+        return [
+            dataclasses.replace(
+                h.describe(running=k in self._running),
+                memory_model=self.learned.view(self.model_key(k, h.device)),
+            )
+            for k, h in self.hosts.items()
+        ]
 
     def longest_clip_s(self, kind: str) -> float | None:
         """The loaded pipeline's longest audio clip, when it has one."""
         host = self.hosts.get(kind)
         return host.longest_clip_s() if host is not None else None
 
+    # ---- memory --------------------------------------------------------------------
+    async def shape(self, kind: str) -> PipelineShape | None:
+        """The folder's sizing facts (read once, in a thread); None without a folder."""
+        folder = self.config(kind).pipeline
+        if folder is None:
+            return None
+        if kind not in self._shapes:
+            self._shapes[kind] = await anyio.to_thread.run_sync(read_shape, kind, folder)
+        return self._shapes[kind]
+
+    def predict(
+        self, kind: str, device: str, params: GenerationParams, shape: PipelineShape
+    ) -> PredictedNeed:
+        """What ``params`` will need on ``device``: learned from this pipeline's measured
+        runs once there are enough, the configured figure before; the weights counted
+        when the pipeline is not loaded there."""
+        cfg = self.config(kind)
+        size = request_size(shape, params)
+        key = self.model_key(kind, device)
+        host = self.hosts.get(kind)
+        if host is not None and host.loaded and host.device == device:
+            resident = 0.0
+        else:
+            bytes_per = 2 if load_dtype(device) == "float16" else 4
+            resident = self.learned.resident_mb(key) or shape.weights_mb(bytes_per)
+        prior = cfg.required_ram_mb if device == CPU else cfg.required_vram_mb
+        p = self.learned.predict(key, size.unit, size.value, prior_mb=prior, resident_mb=resident)
+        need = TaskNeed(device, p.need_mb, p.source, size.text)
+        return PredictedNeed(need, p, size, key)
+
+    def record_oom(self, predicted: PredictedNeed) -> None:
+        """A run of this size ran out of memory under this need: never predict as low."""
+        p = predicted.prediction
+        self.learned.record_oom(predicted.key, p.unit, p.size, predicted.need.mb)
+
+    async def _learn(
+        self, kind: str, host: PipelineHost, result: RunResult, p: PredictedNeed
+    ) -> None:
+        peak = result.peak
+        if peak is None:
+            return
+        working = peak.working_mb if peak.sane else float("nan")
+        if self.learned.record_run(
+            p.key,
+            p.prediction.unit,
+            p.prediction.size,
+            working,
+            predicted_mb=p.prediction.working_mb,
+            resident_mb=host.resident_mb,
+        ):
+            if self.on_measured is not None and p.prediction.working_mb is not None:
+                self.on_measured(kind, p.prediction.working_mb, working)
+            log.info(
+                "Pipeline %s run measured: size=%.0f %s working=%.1fMB predicted=%s (%s) method=%s",
+                kind,
+                p.prediction.size,
+                p.prediction.unit,
+                working,
+                "n/a" if p.prediction.working_mb is None else f"{p.prediction.working_mb:.1f}MB",
+                p.prediction.source,
+                peak.method,
+            )
+        await anyio.to_thread.run_sync(self.learned.save)
+
+    def _hold(self, kind: str, host: PipelineHost) -> None:
+        """Keep the ledger's entry for a loaded pipeline equal to what it holds."""
+        res = self._held.get(kind)
+        if not host.loaded or host.resident_mb is None:
+            self._release(kind)
+            return
+        if res is None or res.device != host.device:
+            self._release(kind)
+            res = self._held[kind] = self.placement.ledger.reserve(
+                host.device, host.resident_mb, f"pipeline:{kind}", "pipeline"
+            )
+        self.placement.ledger.settle(res, host.resident_mb)
+
+    def _release(self, kind: str) -> None:
+        self.placement.ledger.release(self._held.pop(kind, None))
+
+    # ---- running -------------------------------------------------------------------
     async def run(
         self,
         kind: str,
@@ -65,8 +179,10 @@ class PipelineRegistry:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         savers: bool = False,
+        predicted: PredictedNeed | None = None,
     ) -> RunResult:
-        """Run ``kind`` on ``device`` in a worker thread (loading it first if needed)."""
+        """Run ``kind`` on ``device`` in a worker thread (loading it first if needed), and
+        learn from the run's measured peak."""
         host = self.host(kind, device)
         call = functools.partial(
             host.run, params, on_step=on_step, should_cancel=should_cancel, savers=savers
@@ -75,16 +191,24 @@ class PipelineRegistry:
         try:
             # Why not abandon on cancel: the thread owns the pipeline; the caller's gate
             # must stay held until it really stops (cancel through should_cancel instead).
-            return await anyio.to_thread.run_sync(call)
+            result = await anyio.to_thread.run_sync(call)
         finally:
             self._running.discard(kind)
+            self._hold(kind, host)
+        if predicted is not None and not savers:  # savers change the peak: not this model
+            await self._learn(kind, host, result, predicted)
+        return result
+
+    async def _unload(self, kind: str, host: PipelineHost) -> None:
+        await anyio.to_thread.run_sync(host.unload)
+        self._release(kind)
 
     async def unload_idle(self, keep: str = "") -> list[str]:
         """Unload every loaded pipeline that is not running and not ``keep``."""
         freed = []
         for kind, host in list(self.hosts.items()):
             if kind != keep and kind not in self._running and host.loaded:
-                await anyio.to_thread.run_sync(host.unload)
+                await self._unload(kind, host)
                 freed.append(kind)
         return freed
 
@@ -94,9 +218,9 @@ class PipelineRegistry:
     async def shutdown(self) -> None:
         if self._reaper:
             self._reaper.cancel()
-        for host in self.hosts.values():
+        for kind, host in self.hosts.items():
             if host.loaded:
-                await anyio.to_thread.run_sync(host.unload)
+                await self._unload(kind, host)
 
     async def _reap(self) -> None:
         """Release pipelines idle longer than their keep_alive_s."""
@@ -108,4 +232,4 @@ class PipelineRegistry:
                 idle = kind not in self._running and now - host.last_used_at >= keep
                 if host.loaded and idle:
                     log.info("Pipeline %s idle %.0f s: unloading", kind, now - host.last_used_at)
-                    await anyio.to_thread.run_sync(host.unload)
+                    await self._unload(kind, host)

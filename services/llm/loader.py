@@ -20,9 +20,15 @@ import anyio
 from services.errors import ModelLoadFailed
 from services.llm.records import LoadAttempt, LoadedModel, TierState
 from services.llm.worker import LlamaWorker, WorkerSpec, WorkerStartFailed
-from services.memory.gguf_estimate import InvalidModelFile, estimate, read_gguf_info
+from services.memory.gguf_estimate import Estimate, InvalidModelFile, estimate, read_gguf_info
 from services.memory.ledger import CPU
-from services.memory.placement import Placement, load_need_mb, load_rungs, start_rung
+from services.memory.placement import (
+    Placement,
+    estimate_on,
+    load_need_mb,
+    load_rungs,
+    start_rung,
+)
 from services.memory.probe import rss_mb
 from services.settings import Settings
 
@@ -68,7 +74,10 @@ class LadderLoader:
         rungs = load_rungs(
             tier.cfg.n_gpu_layers, tier.cfg.n_ctx, self.settings.ladder, info, device
         )
-        start = start_rung(info, rungs, view.budget.usable_mb, device, what=tier.name)
+        overhead = self.placement.worker_overhead_mb(device)
+        start = start_rung(
+            info, rungs, view.budget.usable_mb, device, overhead_mb=overhead, what=tier.name
+        )
         if start.index:
             log.info(
                 "Load of %s starts at rung %d (layers=%d, ctx=%d): %.0f MB usable on %s",
@@ -81,9 +90,8 @@ class LadderLoader:
         for i in range(start.index, len(rungs)):
             n_layers, n_ctx = rungs[i]
             est = estimate(info, n_layers, n_ctx)
-            model = await self._try_rung(
-                tier, i, n_layers, n_ctx, est.ram_mb, load_need_mb(est, device), device
-            )
+            need = load_need_mb(est, device, overhead)
+            model = await self._try_rung(tier, i, n_layers, n_ctx, est, need, device)
             if model is not None:
                 return model
             if tier.attempts[-1].reason.startswith("missing file"):
@@ -104,7 +112,7 @@ class LadderLoader:
         rung: int,
         n_layers: int,
         n_ctx: int,
-        est_ram_mb: float,
+        est: Estimate,
         need_mb: float,
         device: str,
     ) -> LoadedModel | None:
@@ -153,6 +161,11 @@ class LadderLoader:
         settle = rss if device == CPU else vram
         if settle is not None:
             self.ledger.settle(res, settle)
+            # What this worker cost beyond its estimate teaches the next load's need.
+            if device == CPU or spec.n_gpu_layers:
+                learned = self.placement.learned
+                if learned.record_worker_load(device, estimate_on(est, device), settle):
+                    await anyio.to_thread.run_sync(learned.save)
         tier.attempts.append(LoadAttempt(rung, n_layers, n_ctx, need_mb, True, "ready", ms))
         now = time.time()
         model = LoadedModel(
@@ -170,7 +183,7 @@ class LadderLoader:
             last_used_at=now,
             heavy=tier.heavy,
             device=device,
-            ram_estimate_mb=round(need_mb if device == CPU else est_ram_mb, 1),
+            ram_estimate_mb=round(need_mb if device == CPU else est.ram_mb, 1),
             ready_ms=round(worker.ready_ms, 1),
             worker=worker,
             reservation=res,

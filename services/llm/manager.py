@@ -282,15 +282,16 @@ class ModelManager:
         async with self._lock:
             before = await self._free_mb()
             unloaded: list[str] = []
-            held = 0.0
+            held, settling = 0.0, False
             for tier in self.tiers.values():
                 if tier.model is not None and tier.alias_of is None:
                     out = await self._unload_locked(tier, reason, measure=False)
                     unloaded += out.unloaded
                     held += out.held_mb
+                    settling = settling or out.settling
             await anyio.to_thread.run_sync(flush_gpu_memory)
             freed = max(0.0, await self._free_mb() - before) if unloaded else 0.0
-            return UnloadResult(unloaded, round(freed, 1), round(held, 1))
+            return UnloadResult(unloaded, round(freed, 1), round(held, 1), settling)
 
     async def _unload_locked(
         self, tier: TierState, reason: str, *, measure: bool = True
@@ -315,13 +316,15 @@ class ModelManager:
             for t in sharing:
                 t.model, t.alias_of, t.status = None, None, "unloaded"
         names = [t.name for t in sharing]
-        if model.device != CPU:
-            await wait_gpu_memory_released(
+        settling = False
+        if model.device != CPU and model.n_gpu_layers:
+            released = await wait_gpu_memory_released(
                 self.probe,
                 model.pid,
                 self.settings.memory.recovery_wait_s,
                 self.settings.memory.recovery_poll_s,
             )
+            settling = released is not True  # unconfirmed: the driver's figure may lag
         held = model.reservation.mb
         self.ledger.release(model.reservation)
         freed = max(0.0, await self._free_mb() - before) if measure else 0.0
@@ -332,7 +335,7 @@ class ModelManager:
             held,
             freed,
         )
-        return UnloadResult(names, round(freed, 1), round(held, 1))
+        return UnloadResult(names, round(freed, 1), round(held, 1), settling)
 
     async def _free_mb(self) -> float:
         """Driver-reported free memory on the work device (RAM available on the CPU)."""

@@ -133,6 +133,7 @@ class UnloadResult:
     unloaded: list[str] = field(default_factory=list)
     freed_mb: float = 0.0
     held_mb: float = 0.0
+    settling: bool = False  # a release the driver was not seen to confirm (no NVML)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,12 +57,23 @@ class GateDecision:
     reason: str
     device: str
     required_mb: float
+    need_source: str  # given | prior (configured) | learned (predicted from measured runs)
+    need_detail: str  # what the need is of: "1 x 512x512 image"
     usable_mb: float
     freed_mb: float  # driver-free memory gained on the device while making room, measured
     waited_ms: float
     actions: list[str]
     budget: DeviceBudget  # the figures of the last check: capacity, driver free, held, reserve
+    ceiling_mb: float  # the most that unloading everything Edison holds could make usable
     at: float = field(default_factory=time.time)
+
+
+def ceiling_mb(budget: DeviceBudget) -> float:
+    """The most that could be usable on the device if Edison unloaded everything it holds
+    in the ledger: what other programs use (the driver's used memory beyond the ledger)
+    stays, and so does the reserve."""
+    others = max(0.0, budget.capacity_mb - budget.driver_free_mb - budget.held_mb)
+    return max(0.0, budget.capacity_mb - others - budget.reserve_mb)
 
 
 @dataclass
@@ -217,10 +228,16 @@ class MemoryGate:
         own: Reservation | None = None,
         keep_pipeline: str | None = None,
     ) -> GateDecision:
-        """Unload, in order, what stands between the task and its need; decide."""
+        """Unload, in order, what stands between the task and its need; decide.
+
+        Each step unloads only while the need is still short, so a small task next to
+        loaded models unloads nothing. A need above what unloading everything Edison holds
+        could free is refused at once, unloading nothing."""
         t0 = time.perf_counter()
         before = budget = view.budget
+        ceiling = ceiling_mb(before)
         actions: list[str] = []
+        settling = False  # an unload whose memory the driver may not show back yet
 
         async def enough_after(action: str | None) -> bool:
             """Probe again (after an action, or while waiting) and compare."""
@@ -231,19 +248,29 @@ class MemoryGate:
             return budget.usable_mb >= need.mb
 
         ok = budget.usable_mb >= need.mb
-        if not ok and self.pipelines is not None:
-            freed = await self.pipelines.unload_idle(keep_pipeline or "")
-            if freed:
-                ok = await enough_after(f"unloaded idle pipelines: {', '.join(freed)}")
-        if not ok and self.models.heavy_slot is not None:
-            out = await self.models.unload_heavy_slot(reason=f"gate: {reason}")
-            ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
-        if not ok and self.models.loaded_models():
-            out = await self.models.unload_all(reason=f"gate: {reason}")
-            self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
-            ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
-        if not ok and actions:
-            # The driver's figure lags behind freed memory (Ollama: 0.5-1.5 s): poll.
+        if not ok and need.mb > ceiling:
+            actions.append(
+                f"unloaded nothing: {need.mb:.0f} MB cannot fit even with everything Edison "
+                f"holds unloaded (at most {ceiling:.0f} MB)"
+            )
+        else:
+            if not ok and self.pipelines is not None:
+                freed = await self.pipelines.unload_idle(keep_pipeline or "")
+                if freed:
+                    ok = await enough_after(f"unloaded idle pipelines: {', '.join(freed)}")
+            if not ok and self.models.heavy_slot is not None:
+                out = await self.models.unload_heavy_slot(reason=f"gate: {reason}")
+                settling = settling or out.settling
+                ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
+            if not ok and self.models.loaded_models():
+                out = await self.models.unload_all(reason=f"gate: {reason}")
+                settling = settling or out.settling
+                self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
+                ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
+        if not ok and settling:
+            # The driver's figure lags behind freed memory (Ollama: 0.5-1.5 s) when an
+            # unload's release could not be confirmed: poll. Confirmed unloads (a worker
+            # NVML shows gone, a CPU worker, a pipeline) leave nothing to wait for.
             deadline = time.monotonic() + self.settings.memory.recovery_wait_s
             while not ok and time.monotonic() < deadline:
                 await anyio.sleep(self.settings.memory.recovery_poll_s)
@@ -253,11 +280,14 @@ class MemoryGate:
             reason=reason,
             device=need.device,
             required_mb=need.mb,
+            need_source=need.source,
+            need_detail=need.detail,
             usable_mb=round(budget.usable_mb, 1),
             freed_mb=round(max(0.0, budget.driver_free_mb - before.driver_free_mb), 1),
             waited_ms=round((time.perf_counter() - t0) * 1000, 1),
             actions=actions or (["enough memory"] if ok else ["nothing to unload"]),
             budget=budget,
+            ceiling_mb=round(ceiling, 1),
         )
         self._record(decision)
         return decision
@@ -266,13 +296,15 @@ class MemoryGate:
         self._count("ok" if d.ok else "refused")
         log.log(
             logging.INFO if d.ok else logging.WARNING,
-            "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB usable=%.0fMB "
-            "driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s",
+            "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB (%s%s) "
+            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s",
             d.ok,
             d.freed_mb,
             d.reason,
             d.device,
             d.required_mb,
+            d.need_source,
+            f": {d.need_detail}" if d.need_detail else "",
             d.usable_mb,
             d.budget.driver_free_mb,
             d.budget.held_mb,
@@ -320,24 +352,33 @@ class MemoryGate:
         *,
         required_ram_mb: float | None = None,
         kind: str | None = None,
+        need_on: Callable[[str], TaskNeed] | None = None,
     ) -> AsyncIterator[HeavyTask]:
         """Hold the gate for one heavy task; raises QueueFull, QueueTimeout or
-        InsufficientMemory (all 503 with Retry-After) when it cannot run."""
+        InsufficientMemory (all 503 with Retry-After) when it cannot run.
+
+        ``need_on(device)`` predicts the task's need on the device it will run on (a
+        request-sized prediction); without it the given figures stand."""
         queued_ms = await self._acquire()
         res: Reservation | None = None
         t_start = time.monotonic()
         try:
             view = await self.placement.view()
-            need = task_need(view.device, required_vram_mb, required_ram_mb)
+            if need_on is not None:
+                need = need_on(view.device)
+            else:
+                need = task_need(view.device, required_vram_mb, required_ram_mb)
             # Reserved before making room, so no model load can take the room we make.
             res = self.ledger.reserve(need.device, need.mb, f"task:{reason}", "task")
             decision = await self._make_room(need, reason, view, own=res, keep_pipeline=kind)
             if not decision.ok:
                 raise InsufficientMemory(
-                    f"Not enough {need.memory} for {reason}: {need.mb:.0f} MB required, "
-                    f"{decision.usable_mb:.0f} MB usable after unloading every model",
+                    f"Not enough {need.memory} for {reason}: {need.mb:.0f} MB required "
+                    f"({need.source}{': ' + need.detail if need.detail else ''}), "
+                    f"{decision.usable_mb:.0f} MB usable; {decision.actions[-1]}",
                     retry_after_s=max(5.0, self._mean_task_s),
                     required_vram_mb=need.mb,
+                    need_source=need.source,
                     free_vram_mb=decision.usable_mb,
                     freed_mb=decision.freed_mb,
                     device=need.device,

@@ -7,8 +7,10 @@ Every consumer asks here, and nowhere else:
 - **a load's start rung**: the first (GPU layers, context) pair of the ladder whose
   GGUF-header estimate, plus the per-worker overhead, fits what is usable now
   (:func:`start_rung`; the ModelManager walks down from there);
-- **a heavy task's need** (:func:`task_need`: VRAM on a GPU, RAM on the CPU), which the
-  gate reserves for the task's whole life;
+- **a heavy task's need** (:class:`TaskNeed`: VRAM on a GPU, RAM on the CPU), predicted
+  per request from measured runs (``learning.py``) and reserved by the gate for the task's
+  whole life;
+- **what an LLM worker costs** beyond its GGUF estimate, learned per device from loads;
 - **how memory is given back**: :func:`flush_gpu_memory` (gc, torch's cache) and
   :func:`wait_gpu_memory_released` (NVML shows a dead worker's memory back).
 
@@ -29,15 +31,16 @@ import anyio
 
 from services.errors import InsufficientMemory
 from services.memory.gguf_estimate import Estimate, GGUFInfo, estimate, ladder
+from services.memory.learning import LearnedMemory, WorkerOverheadView
 from services.memory.ledger import CPU, DeviceBudget, MemoryLedger, Reservation
 from services.memory.probe import MemorySnapshot
 from services.settings import LadderSettings, Settings
 
-# Per-worker overheads the GGUF estimate does not see. RAM: a llama_cpp.server process
-# with a tiny model measured 80 MB RSS here. VRAM: each worker process holds its own
-# CUDA context (Ollama reserves 457 MiB per device); see docs/gpu-validation.md.
+# Priors of what a worker costs beyond its GGUF estimate, until a load on the device is
+# measured (LearnedMemory.worker_overhead_mb). RAM: a llama_cpp.server process with a
+# tiny model measured 80 MB RSS here. VRAM: memory.worker_overhead_prior_mb (a CUDA
+# context and runtime: 522 MB measured per worker on an H100, docs/gpu-validation.md).
 WORKER_RAM_MB = 80.0
-CUDA_CONTEXT_MB = 400.0
 
 
 def work_device(snapshot: MemorySnapshot, gpu_index: int) -> str:
@@ -60,10 +63,24 @@ class DeviceView:
 class Placement:
     """One per app: reads memory for every decision (gate, loads, swarm, /system/memory)."""
 
-    def __init__(self, settings: Settings, probe: Any, ledger: MemoryLedger) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        probe: Any,
+        ledger: MemoryLedger,
+        *,
+        learned: LearnedMemory | None = None,
+    ) -> None:
         self.settings = settings
         self.probe = probe
         self.ledger = ledger
+        mem = settings.memory
+        self.learned = learned or LearnedMemory(
+            mem.state_dir,
+            learn_after=mem.learn_after,
+            margin_factor=mem.margin_factor,
+            overhead_prior_mb=mem.worker_overhead_prior_mb,
+        )
 
     async def view(self, *, exclude: Reservation | None = None) -> DeviceView:
         """Probe (in a thread: NVML or nvidia-smi may block) and budget the work device.
@@ -77,6 +94,20 @@ class Placement:
         device = work_device(snap, self.settings.memory.device)
         return DeviceView(snap, self.ledger.budget(snap, device, exclude=exclude))
 
+    def worker_overhead_mb(self, device: str) -> float:
+        """What an LLM worker needs on ``device`` beyond its GGUF estimate: learned from
+        measured loads, else the prior (the worker process on the CPU, a CUDA context and
+        runtime on a GPU)."""
+        return self.worker_overhead(device).mb
+
+    def worker_overhead(self, device: str) -> WorkerOverheadView:
+        samples = self.learned.overhead_samples(device)
+        if samples:
+            mb = self.learned.worker_overhead_mb(device)
+            return WorkerOverheadView(device, round(mb, 1), samples, "learned")
+        prior = WORKER_RAM_MB if device == CPU else self.settings.memory.worker_overhead_prior_mb
+        return WorkerOverheadView(device, prior, 0, "prior")
+
 
 # ---- heavy tasks ------------------------------------------------------------------
 
@@ -87,6 +118,8 @@ class TaskNeed:
 
     device: str
     mb: float
+    source: str = "given"  # given (a caller's figure) | prior (configured) | learned
+    detail: str = ""  # what the figure is of, for logs: "1 x 512x512 image"
 
     @property
     def memory(self) -> str:
@@ -94,7 +127,7 @@ class TaskNeed:
 
 
 def task_need(device: str, required_vram_mb: float, required_ram_mb: float | None) -> TaskNeed:
-    """A task's need on ``device``: its VRAM figure on a GPU, its RAM figure on the CPU
+    """A given need on ``device``: its VRAM figure on a GPU, its RAM figure on the CPU
     (the VRAM figure when no RAM figure is given)."""
     if device == CPU:
         return TaskNeed(device, required_vram_mb if required_ram_mb is None else required_ram_mb)
@@ -104,16 +137,19 @@ def task_need(device: str, required_vram_mb: float, required_ram_mb: float | Non
 # ---- model loads ------------------------------------------------------------------
 
 
-def load_need_mb(est: Estimate, device: str) -> float:
-    """What a load at this rung takes from ``device``'s budget, overheads included.
+def estimate_on(est: Estimate, device: str) -> float:
+    """The GGUF estimate of a load on ``device``, without the worker's overhead: all of
+    it in RAM on the CPU, the VRAM part on a GPU."""
+    return est.ram_mb + est.vram_mb if device == CPU else est.vram_mb
 
-    On the CPU: weights, KV and compute in RAM plus the worker process. On a GPU: the
-    VRAM estimate plus the worker's CUDA context (none when no layer is offloaded: such a
-    worker is hidden from the GPU and holds nothing there).
-    """
-    if device == CPU:
-        return est.ram_mb + est.vram_mb + WORKER_RAM_MB
-    return est.vram_mb + (CUDA_CONTEXT_MB if est.n_gpu_layers else 0.0)
+
+def load_need_mb(est: Estimate, device: str, overhead_mb: float) -> float:
+    """What a load at this rung takes from ``device``'s budget, the worker's overhead
+    included (on a GPU only when a layer is offloaded: a worker without one is hidden
+    from the GPU and holds nothing there)."""
+    if device != CPU and not est.n_gpu_layers:
+        return 0.0
+    return estimate_on(est, device) + overhead_mb
 
 
 def load_rungs(
@@ -144,6 +180,7 @@ def start_rung(
     usable_mb: float,
     device: str,
     *,
+    overhead_mb: float,
     what: str = "the model",
     **estimate_kw: Any,
 ) -> StartRung:
@@ -155,7 +192,9 @@ def start_rung(
     """
     if not rungs:
         raise ValueError("no rungs to choose from")
-    needs = [load_need_mb(estimate(info, n, c, **estimate_kw), device) for n, c in rungs]
+    needs = [
+        load_need_mb(estimate(info, n, c, **estimate_kw), device, overhead_mb) for n, c in rungs
+    ]
     for i, need in enumerate(needs):
         if need <= usable_mb:
             return StartRung(i, need, usable_mb, True)
@@ -192,17 +231,19 @@ def flush_gpu_memory(collect: bool = True) -> None:
 
 async def wait_gpu_memory_released(
     probe: Any, pid: int, timeout_s: float = 5.0, poll_s: float = 0.25
-) -> bool:
-    """Poll until ``pid`` holds no GPU memory; False if it still does after timeout_s.
+) -> bool | None:
+    """Poll until ``pid`` holds no GPU memory: True once NVML shows it released, False if
+    it still holds some after timeout_s, None at once when per-process figures are
+    unavailable (no NVML: nothing to wait on, and nothing confirmed either).
 
-    True at once when per-process figures are unavailable (no NVML): there is then
-    nothing to wait on. ``probe`` is a MemoryProbe; its NVML calls may block, so they
-    run in a thread.
+    ``probe`` is a MemoryProbe; its NVML calls may block, so they run in a thread.
     """
     deadline = time.monotonic() + timeout_s
     while True:
         used = await anyio.to_thread.run_sync(probe.process_vram_mb, [pid])
-        if used is None or used.get(pid, 0.0) <= 0:
+        if used is None:
+            return None
+        if used.get(pid, 0.0) <= 0:
             return True
         if time.monotonic() >= deadline:
             return False

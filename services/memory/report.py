@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from services.generation.pipelines import PipelineInfo
 from services.llm.records import LoadedModel
 from services.memory.gate import GateState
+from services.memory.learning import WorkerOverheadView
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import Placement
 from services.memory.probe import GpuMemory
@@ -29,6 +30,7 @@ class MemoryReport:
     timestamp: float
     probe_ms: float
     device: DeviceBudget  # the figures the gate, the loader and the swarm decide on
+    worker_overhead: WorkerOverheadView  # what an LLM worker costs here beyond its estimate
     reservations: list[Reservation]
     loaded_models: list[LoadedModel]
     heavy_slot: str | None
@@ -51,6 +53,7 @@ async def memory_report(
         timestamp=snap.timestamp,
         probe_ms=snap.probe_ms,
         device=view.budget,
+        worker_overhead=placement.worker_overhead(view.device),
         reservations=placement.ledger.entries(),
         loaded_models=models.loaded_models(),
         heavy_slot=models.heavy_slot,

@@ -11,7 +11,6 @@ import pytest
 from services.errors import InsufficientMemory
 from services.memory.gguf_estimate import estimate
 from services.memory.placement import (
-    CUDA_CONTEXT_MB,
     WORKER_RAM_MB,
     load_need_mb,
     load_rungs,
@@ -24,8 +23,8 @@ from services.settings import LadderSettings
 from tests.unit.test_gguf_estimate import BIG, BIG_RUNGS
 
 # BIG's VRAM estimates per rung (test_gguf_estimate.test_estimates_of_the_round_model):
-# 34864, 34088, 17481, 16945, 0, 0 MB; a GPU rung with layers adds the CUDA context.
-CTX = CUDA_CONTEXT_MB
+# 34864, 34088, 17481, 16945, 0, 0 MB; a GPU rung with layers adds the worker's overhead.
+CTX = 400.0
 
 
 @pytest.mark.parametrize(
@@ -42,42 +41,46 @@ CTX = CUDA_CONTEXT_MB
     ],
 )
 def test_start_rung_on_a_gpu(usable_mb: float, index: int, fits: bool) -> None:
-    got = start_rung(BIG, BIG_RUNGS, usable_mb, "cuda:0")
+    got = start_rung(BIG, BIG_RUNGS, usable_mb, "cuda:0", overhead_mb=CTX)
     assert (got.index, got.fits) == (index, fits)
-    assert got.need_mb == pytest.approx(load_need_mb(estimate(BIG, *BIG_RUNGS[index]), "cuda:0"))
+    est = estimate(BIG, *BIG_RUNGS[index])
+    assert got.need_mb == pytest.approx(load_need_mb(est, "cuda:0", CTX))
 
 
 def test_start_rung_without_a_cpu_rung_answers_the_last() -> None:
     rungs = [(33, 8192), (16, 4096)]
-    assert start_rung(BIG, rungs, 100, "cuda:0").index == 1
-    assert start_rung(BIG, rungs, 40_000, "cuda:0").index == 0
+    assert start_rung(BIG, rungs, 100, "cuda:0", overhead_mb=CTX).index == 1
+    assert start_rung(BIG, rungs, 40_000, "cuda:0", overhead_mb=CTX).index == 0
 
 
 def test_start_rung_passes_the_estimate_options_on() -> None:
     # A 1-byte KV cache halves the KV: (33, 8192) drops by 32 x 16 MiB = 512 MiB.
-    assert start_rung(BIG, BIG_RUNGS, 34_400 + CTX, "cuda:0").index == 1
-    assert start_rung(BIG, BIG_RUNGS, 34_400 + CTX, "cuda:0", kv_bytes_per_elem=1).index == 0
+    assert start_rung(BIG, BIG_RUNGS, 34_400 + CTX, "cuda:0", overhead_mb=CTX).index == 1
+    one_byte = start_rung(
+        BIG, BIG_RUNGS, 34_400 + CTX, "cuda:0", overhead_mb=CTX, kv_bytes_per_elem=1
+    )
+    assert one_byte.index == 0
 
 
 def test_start_rung_on_the_cpu_counts_ram_and_refuses_what_cannot_fit() -> None:
     rungs = load_rungs(-1, 8192, LadderSettings(gpu_layers=[16], context=[4096]), BIG, "cpu")
     assert rungs == [(0, 8192), (0, 4096)]
-    needs = [load_need_mb(estimate(BIG, *r), "cpu") for r in rungs]
+    needs = [load_need_mb(estimate(BIG, *r), "cpu", WORKER_RAM_MB) for r in rungs]
     assert needs[0] > needs[1] > WORKER_RAM_MB
-    assert start_rung(BIG, rungs, needs[0], "cpu").index == 0
-    assert start_rung(BIG, rungs, needs[0] - 1, "cpu").index == 1
+    assert start_rung(BIG, rungs, needs[0], "cpu", overhead_mb=WORKER_RAM_MB).index == 0
+    assert start_rung(BIG, rungs, needs[0] - 1, "cpu", overhead_mb=WORKER_RAM_MB).index == 1
     with pytest.raises(InsufficientMemory) as err:
-        start_rung(BIG, rungs, needs[1] - 1, "cpu", what="deep")
+        start_rung(BIG, rungs, needs[1] - 1, "cpu", overhead_mb=WORKER_RAM_MB, what="deep")
     assert err.value.code == "insufficient_ram"
     assert err.value.details["required_mb"] == round(needs[1])
 
 
-def test_load_need_counts_the_cuda_context_only_with_layers_on_the_gpu() -> None:
+def test_load_need_counts_the_overhead_only_with_layers_on_the_gpu() -> None:
     gpu = estimate(BIG, 16, 4096)
     cpu_rung = estimate(BIG, 0, 4096)
-    assert load_need_mb(gpu, "cuda:0") == pytest.approx(gpu.vram_mb + CUDA_CONTEXT_MB)
-    assert load_need_mb(cpu_rung, "cuda:0") == 0
-    assert load_need_mb(cpu_rung, "cpu") == pytest.approx(cpu_rung.ram_mb + WORKER_RAM_MB)
+    assert load_need_mb(gpu, "cuda:0", 512) == pytest.approx(gpu.vram_mb + 512)
+    assert load_need_mb(cpu_rung, "cuda:0", 512) == 0
+    assert load_need_mb(cpu_rung, "cpu", 80) == pytest.approx(cpu_rung.ram_mb + 80)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +113,7 @@ class FakeProbe:
 @pytest.mark.parametrize(
     ("answers", "released", "calls"),
     [
-        ([None], True, 1),  # no NVML: nothing to wait on
+        ([None], None, 1),  # no NVML: nothing to wait on, nothing confirmed
         ([{7: 0.0}], True, 1),
         ([{}], True, 1),  # the pid is absent from the figures
         ([{7: 900.0}, {7: 300.0}, {7: 0.0}], True, 3),
@@ -131,4 +134,4 @@ async def test_wait_gpu_memory_released_with_the_real_probe() -> None:
     probe = MemoryProbe(timeout_s=2)
     if probe.process_vram_mb([os.getpid()]) is not None:
         pytest.skip("NVML is available here: covered by the GPU validation")
-    assert await wait_gpu_memory_released(probe, os.getpid(), timeout_s=1, poll_s=0.1)
+    assert await wait_gpu_memory_released(probe, os.getpid(), timeout_s=1, poll_s=0.1) is None
