@@ -18,6 +18,8 @@ from services.errors import InsufficientMemory, QueueFull, QueueTimeout
 from services.llm.manager import ModelManager
 from services.llm.records import UnloadResult
 from services.memory.gate import MemoryGate
+from services.memory.learning import LearnedMemory
+from services.memory.placement import TaskNeed
 from services.memory.probe import MemoryProbe
 from tests.helpers import FakeGpuProbe, placement_for, until
 
@@ -280,3 +282,74 @@ async def test_cancelled_waiter_and_cancelled_holder_release(make_settings) -> N
         tg.cancel_scope.cancel()  # cancels the holder mid-task and "last" gets nothing
     assert gate.ledger.entries() == []
     assert gate.describe().state == "idle" and gate.queue_length == 0
+
+
+# ---- request-sized needs (learned from numbers) -------------------------------------
+
+
+def linear_memory() -> LearnedMemory:
+    """A pipeline whose measured working memory is exactly 1 MB per unit of size."""
+    mem = LearnedMemory(None, learn_after=3, margin_factor=1.0)
+    for size in (1000, 5000, 12000):  # the requests below stay inside the measured range
+        mem.record_run("p", "latent elements", size, size, predicted_mb=None, resident_mb=0)
+    return mem
+
+
+@pytest.mark.parametrize(
+    ("size", "calls", "ok"),
+    [
+        (4000, [], True),  # 4400 MB fits the 5264 MB usable beside the loaded models
+        (6000, ["heavy"], True),  # 6600 MB: the heavy slot (3000 MB) is enough
+        (8500, ["heavy", "all"], True),  # 9350 MB: everything must go
+        (10000, [], False),  # 11000 MB > 10264 MB, the most unloading could give: at once
+    ],
+    ids=["small-unloads-nothing", "large-heavy-only", "larger-everything", "beyond-the-card"],
+)
+async def test_a_learned_need_unloads_exactly_what_it_needs(
+    make_settings, size: float, calls: list[str], ok: bool
+) -> None:
+    # 12288 MB card: 1000 MB other programs, medium 3000 + fast 2000 loaded, 1024 reserve.
+    probe = FakeGpuProbe(total_mb=12288, used_mb=6000)
+    models = ScriptedModels(probe, 3000, 2000)
+    gate = gate_for(make_settings, probe, models)
+    mem = linear_memory()
+
+    def need_on(device: str) -> TaskNeed:
+        p = mem.predict("p", "latent elements", size, prior_mb=4000, resident_mb=0)
+        return TaskNeed(device, p.need_mb, p.source, f"size {size}")
+
+    if ok:
+        async with gate.heavy_task(4000, "image", need_on=need_on) as task:
+            decision = task.decision
+            assert [(r.owner, r.mb) for r in gate.ledger.entries() if r.kind == "task"] == [
+                ("task:image", pytest.approx(size * 1.1))
+            ]
+    else:
+        with pytest.raises(InsufficientMemory) as err:
+            async with gate.heavy_task(4000, "image", need_on=need_on):
+                pytest.fail("must not run")
+        assert "learned" in err.value.message and err.value.details["need_source"] == "learned"
+        decision = gate.describe().last_decisions[-1]
+        assert decision.ceiling_mb == 10264
+    assert models.calls == calls
+    assert decision.ok is ok and decision.need_source == "learned"
+    assert decision.required_mb == pytest.approx(size * 1.1)
+
+
+@pytest.mark.parametrize(("lag", "polled"), [(0, False), (3, True)], ids=["confirmed", "lagging"])
+async def test_the_gate_waits_only_for_unloads_still_settling(
+    make_settings, lag: int, polled: bool
+) -> None:
+    """Every unload confirmed and still short: refused at once, no polling for recovery.
+    An unconfirmed unload (no NVML) is waited for, as the driver may lag."""
+    probe = FakeGpuProbe(total_mb=12288, used_mb=11000)
+    models = ScriptedModels(probe, 0, 2000, lag=lag)
+    gate = gate_for(make_settings, probe, models, recovery_wait_s=0.5)
+    # A load under way elsewhere holds 3000 MB in the ledger that no unload frees.
+    gate.ledger.reserve("cuda:0", 3000, "model:other", "model")
+    result = await gate.pre_heavy_task(4000, "image")
+    assert not result.ok and models.calls == ["all"]
+    if polled:
+        assert probe.calls > 10  # polled every recovery_poll_s until recovery_wait_s
+    else:
+        assert probe.calls == 2  # the first view and the check after the unload

@@ -1,0 +1,192 @@
+"""Learned memory with real components on the CPU: the tiny image pipeline's measured
+peaks (the process's resident high-water mark), real llama.cpp workers' measured RSS,
+real HTTP. Only an out-of-memory error, which a CPU cannot raise, is injected."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from services.generation.params import GenerationParams
+from services.generation.registry import PipelineRegistry
+from services.llm.manager import ModelManager
+from services.memory.learning import fit_line
+from tests.helpers import placement_for, wait_ready
+
+
+@pytest.fixture
+def learn_settings(make_settings, tiny_pipelines):
+    def build(**memory):
+        return make_settings(
+            generation={
+                "image": {
+                    "pipeline": str(tiny_pipelines["image"]),
+                    "required_ram_mb": 64,
+                    "default_steps": 1,
+                }
+            },
+            memory={"learn_after": 3, **memory},
+        )
+
+    return build
+
+
+@pytest.mark.anyio
+async def test_three_measured_sizes_predict_a_fourth(learn_settings) -> None:
+    from services.memory.probe import MemoryProbe
+
+    settings = learn_settings()
+    placement = placement_for(settings, MemoryProbe(timeout_s=5))
+    registry = PipelineRegistry(settings, placement)
+    shape = await registry.shape("image")
+    assert shape is not None and shape.vae_scale == 2 and shape.latent_channels == 4
+    try:
+        measured = {}
+        for px in (128, 160, 192, 224):
+            params = GenerationParams("a cat", steps=1, width=px, height=px, seed=1)
+            predicted = registry.predict("image", "cpu", params, shape)
+            result = await registry.run("image", "cpu", params, predicted=predicted)
+            assert result.peak is not None and result.peak.sane
+            assert result.peak.method in ("rss-hwm", "rss-sampled")
+            measured[px] = (predicted, result.peak.working_mb)
+        # The first three ran on the prior; the fourth on the fit of those three.
+        assert [measured[px][0].prediction.source for px in (128, 160, 192)] == ["prior"] * 3
+        predicted, peak = measured[224]
+        view = registry.learned.view(predicted.key)
+        assert predicted.prediction.source == "learned" and view is not None
+        assert view.samples == 4 and view.last_measured_mb == pytest.approx(peak, abs=0.01)
+        working = predicted.prediction.working_mb
+        # The fit the fourth run was predicted from: the first three samples.
+        model = registry.learned.pipelines[predicted.key]
+        fit = fit_line([(x.size, x.working_mb) for x in model.samples[:3]], 1.05)
+        margin = fit.margin_at(predicted.prediction.size)  # widened: 224 px is beyond 192
+        assert working == pytest.approx(fit.working_mb(predicted.prediction.size))
+        assert peak <= working <= peak * (margin + 0.15), (peak, working, margin)
+        # The pipeline was loaded: its weights were not counted again.
+        assert predicted.prediction.resident_mb == 0
+        assert predicted.need.mb == pytest.approx(working, abs=0.1)
+    finally:
+        await registry.shutdown()
+    assert placement.ledger.entries() == []  # the unloaded pipeline's entry went with it
+
+
+def test_learned_needs_survive_a_restart_and_show_on_system_memory(learn_settings, caplog) -> None:
+    settings = learn_settings()
+    sizes = (64, 96, 128)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        for px in sizes:
+            r = client.post("/generate-image", json={"prompt": "x", "width": px, "height": px})
+            assert r.status_code == 200, r.text
+            assert r.json()["gate"]["need_source"] == "prior"
+    assert (settings.memory.state_dir / "memory-models.json").is_file()
+    with TestClient(create_app(settings)) as client, caplog.at_level(logging.INFO, "edison.gate"):
+        wait_ready(client)
+        r = client.post("/generate-image", json={"prompt": "x", "width": 112, "height": 112})
+        assert r.status_code == 200, r.text
+        gate = r.json()["gate"]
+        assert gate["need_source"] == "learned" and gate["need_detail"] == "1 x 112x112 image"
+        assert "(learned: 1 x 112x112 image)" in caplog.text
+        memory = client.get("/system/memory").json()
+    [image] = memory["pipelines"]
+    model = image["memory_model"]
+    assert model["learned"] is True and model["samples"] == len(sizes) + 1
+    assert model["unit"] == "latent elements" and model["margin"] >= 1.1
+    assert model["last_predicted_mb"] is not None and model["last_measured_mb"] is not None
+    # The loaded pipeline holds its measured resident memory in the ledger.
+    [held] = [e for e in memory["reservations"] if e["kind"] == "pipeline"]
+    assert held["owner"] == "pipeline:image"
+    assert held["mb"] == pytest.approx(image["weights_mb"] + image["persisted_mb"], abs=0.01)
+    assert memory["worker_overhead"]["source"] in ("prior", "learned")
+
+
+def test_a_request_no_device_could_hold_is_422_naming_the_field(learn_settings) -> None:
+    settings = learn_settings()
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        registry = client.app.state.pipelines
+        key = registry.model_key("image", "cpu")
+        # Measured figures, given: 0.1 MB per latent element (a GPU-sized model on the CPU).
+        for size in (1000, 2000, 3000):
+            registry.learned.record_run(
+                key, "latent elements", size, size * 0.1, predicted_mb=None, resident_mb=10
+            )
+        r = client.post("/generate-image", json={"prompt": "x", "width": 1024, "height": 1024})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["fields"][0]["field"] == "width"
+        assert "predicted to need" in err["message"] and "can never give" in err["message"]
+        assert client.app.state.jobs.jobs == {}  # refused before it was queued
+        ok = client.post("/generate-image", json={"prompt": "x", "width": 64, "height": 64})
+        assert ok.status_code == 200, ok.text
+
+
+def test_an_out_of_memory_raises_the_next_prediction_for_that_size(
+    learn_settings, monkeypatch
+) -> None:
+    """torch.cuda.OutOfMemoryError cannot happen on this CPU: the pipeline raises it once,
+    as a card would; the retry, the learning and the answer are real."""
+    import diffusers
+    import torch
+
+    cls = diffusers.StableDiffusionPipeline
+    original = cls.__call__
+    calls = {"n": 0}
+
+    @functools.wraps(original)
+    def oom_once(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", oom_once)
+    with TestClient(create_app(learn_settings())) as client:
+        wait_ready(client)
+        registry = client.app.state.pipelines
+        params = GenerationParams("x", steps=1, width=64, height=64)
+        shape = client.portal.call(registry.shape, "image")
+        before = registry.predict("image", "cpu", params, shape).need.mb
+        r = client.post("/generate-image", json={"prompt": "x", "width": 64, "height": 64})
+        assert r.status_code == 200 and calls["n"] == 2
+        key = registry.model_key("image", "cpu")
+        assert registry.learned.view(key).oom_marks == 1
+        # The pipeline is loaded now (its weights no longer count), and still the same
+        # request is predicted to need more than the need that ran out.
+        after = registry.predict("image", "cpu", params, shape)
+        assert after.need.mb > before and after.prediction.oom_floor_mb == before * 1.25
+
+
+@pytest.mark.anyio
+async def test_worker_overhead_is_learned_from_the_first_load(make_settings, tiny_dir) -> None:
+    from services.memory.probe import MemoryProbe
+
+    settings = make_settings(
+        models={
+            "fast": {"path": str(tiny_dir / "fast.gguf"), "n_ctx": 256, "preload": False},
+            "n_threads": 1,
+        }
+    )
+    placement = placement_for(settings, MemoryProbe(timeout_s=5))
+    manager = ModelManager(settings, placement)
+    assert placement.worker_overhead("cpu").source == "prior"
+    try:
+        first = await manager.load("fast")
+        learned = placement.worker_overhead("cpu")
+        assert learned.source == "learned" and learned.samples == 1
+        # The first load was reserved on the prior; the ledger then settled to its RSS.
+        assert first.rss_mb is not None
+        await manager.unload("fast")
+        second = await manager.load("fast")
+        # The second load's need (estimate + learned overhead) is within 5 % of its RSS.
+        assert second.rss_mb is not None
+        assert abs(second.ram_estimate_mb - second.rss_mb) <= 0.05 * second.rss_mb
+        assert abs(first.ram_estimate_mb - first.rss_mb) > abs(
+            second.ram_estimate_mb - second.rss_mb
+        )
+    finally:
+        await manager.shutdown()
