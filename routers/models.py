@@ -46,6 +46,7 @@ class TierInfo(BaseModel):
     alias_of: str | None = Field(description="Tier whose worker serves this one (same file).")
     last_error: str | None
     loads: int = Field(description="Successful loads since start.")
+    unloads: int = Field(description="Unloads since start (the worker ended on purpose).")
     attempts: list[LoadAttemptInfo] = Field(description="Rungs tried by the last load.")
     loaded: LoadedModelInfo | None = Field(description="The running model when loaded.")
     fallbacks: list[str] = Field(description="Tiers that answer when this one cannot.")

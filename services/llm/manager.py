@@ -316,6 +316,7 @@ class ModelManager:
             for t in sharing:
                 t.model, t.alias_of, t.status = None, None, "unloaded"
         names = [t.name for t in sharing]
+        tier.unloads += 1
         settling = False
         if model.device != CPU and model.n_gpu_layers:
             released = await wait_gpu_memory_released(

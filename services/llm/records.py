@@ -80,6 +80,7 @@ class TierState:
     model: LoadedModel | None = None
     alias_of: str | None = None  # served by another tier's worker (same file, ctx, layers)
     loads: int = 0  # successful loads since start
+    unloads: int = 0  # worker processes ended by an unload since start (deaths not counted)
 
     def view(self) -> TierView:
         return TierView(
@@ -93,6 +94,7 @@ class TierState:
             alias_of=self.alias_of,
             last_error=self.last_error,
             loads=self.loads,
+            unloads=self.unloads,
             attempts=list(self.attempts),
             loaded=self.model,
             fallbacks=list(FALLBACKS[self.name]),
@@ -113,6 +115,7 @@ class TierView:
     alias_of: str | None
     last_error: str | None
     loads: int
+    unloads: int
     attempts: list[LoadAttempt]  # the rungs the last load tried
     loaded: LoadedModel | None
     fallbacks: list[str]

@@ -92,6 +92,9 @@ def test_learned_needs_survive_a_restart_and_show_on_system_memory(learn_setting
         assert gate["need_source"] == "learned" and gate["need_detail"] == "1 x 112x112 image"
         assert "(learned: 1 x 112x112 image)" in caplog.text
         memory = client.get("/system/memory").json()
+        metrics = client.get("/metrics").text
+    # One learned prediction was checked against its measured peak.
+    assert 'edison_memory_prediction_ratio_count{kind="image"} 1.0' in metrics
     [image] = memory["pipelines"]
     model = image["memory_model"]
     assert model["learned"] is True and model["samples"] == len(sizes) + 1

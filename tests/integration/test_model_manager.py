@@ -61,6 +61,8 @@ async def test_load_then_unload_ends_the_process(make_settings, tiny_dir) -> Non
     assert gone(model.pid)
     assert mm.ledger.entries() == []
     assert mm.tiers["fast"].status == "unloaded"
+    assert (mm.tiers["fast"].loads, mm.tiers["fast"].unloads) == (1, 1)
+    assert out.settling is False  # a CPU worker's memory is back when its process ends
 
 
 async def test_heavy_slot_holds_one_model(make_settings, tiny_dir) -> None:
