@@ -73,7 +73,10 @@ class PipelineRegistry:
         return kind in self._running
 
     def model_key(self, kind: str, device: str) -> str:
-        return f"{self.config(kind).pipeline}|{load_dtype(device)}|{device}"
+        """Which learned model a run belongs to: folder (resolved), dtype, device."""
+        folder = self.config(kind).pipeline
+        folder = folder.resolve() if folder is not None else None
+        return f"{folder}|{load_dtype(device)}|{device}"
 
     def describe(self) -> list[PipelineInfo]:
         return [
