@@ -19,6 +19,7 @@ from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
 from routers import chat, generate, health, jobs, models, swarm, system
+from services.events import EventBus
 from services.generation.jobs import JobService
 from services.generation.registry import PipelineRegistry
 from services.llm.chat import ChatProxy
@@ -27,11 +28,13 @@ from services.memory.gate import MemoryGate
 from services.memory.ledger import MemoryLedger
 from services.memory.placement import Placement
 from services.memory.probe import MemoryProbe
+from services.memory.report import memory_report
 from services.metrics import Metrics
 from services.settings import KINDS, Settings, load_settings
 from services.swarm.runner import SwarmService
 
 log = logging.getLogger("edison.app")
+SNAPSHOT_EVERY_S = 0.5
 
 DESCRIPTION = """\
 Edison lets one GPU serve LLM chat and image, video and music generation without
@@ -70,6 +73,26 @@ async def _startup_work(app: FastAPI) -> None:
         state.ready.set()
 
 
+async def _memory_snapshots(app: FastAPI) -> None:
+    """Publish the memory report after something happened, at most every 500 ms, while
+    anyone listens to /events."""
+    state = app.state
+    bus: EventBus = state.events
+    while True:
+        await bus.changed.wait()
+        bus.changed.clear()
+        if bus.subscribers:
+            try:
+                report = await memory_report(
+                    state.placement, state.models, state.gate, state.pipelines, state.jobs
+                )
+            except Exception:  # noqa: BLE001 - a failed probe must not end the stream
+                log.exception("memory snapshot for /events failed")
+            else:
+                bus.publish("memory.snapshot", report)
+        await asyncio.sleep(SNAPSHOT_EVERY_S)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -82,15 +105,25 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reserve_ram_mb=settings.memory.reserve_ram_mb,
     )
     state.placement = Placement(settings, state.probe, state.ledger)
-    state.models = ModelManager(settings, state.placement, **app.state.manager_options)
+    state.events = EventBus()
+    state.events.bind(asyncio.get_running_loop())
+    state.models = ModelManager(
+        settings, state.placement, events=state.events, **app.state.manager_options
+    )
     state.chat = ChatProxy(state.models)
     state.swarm = SwarmService(settings, state.placement, state.models, state.chat)
     state.pipelines = PipelineRegistry(settings, state.placement)
-    state.gate = MemoryGate(settings, state.placement, state.models, pipelines=state.pipelines)
+    state.gate = MemoryGate(
+        settings, state.placement, state.models, pipelines=state.pipelines, events=state.events
+    )
     state.metrics = Metrics()
     state.pipelines.on_measured = state.metrics.observe_prediction
     state.jobs = JobService(
-        settings, state.gate, state.pipelines, observe=state.metrics.observe_task
+        settings,
+        state.gate,
+        state.pipelines,
+        observe=state.metrics.observe_task,
+        events=state.events,
     )
     await state.models.start()
     await state.pipelines.start()
@@ -98,12 +131,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.startup_detail = "starting"
     settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
     startup = asyncio.create_task(_startup_work(app), name="edison-startup")
+    snapshots = asyncio.create_task(_memory_snapshots(app), name="edison-memory-snapshots")
     try:
         yield
     finally:
-        startup.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await startup
+        for task in (startup, snapshots):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         state.jobs.cancel_all("server shutting down")
         await state.chat.aclose()
         await state.pipelines.shutdown()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from services.generation.jobs import Job
+    from services.memory.report import MemoryReport
 
 
 class ErrorDetail(BaseModel):
@@ -111,10 +112,21 @@ class HeavyTaskInfo(BaseModel):
     running_s: float
 
 
+class QueueEntryInfo(BaseModel):
+    position: int = Field(description="1 is next.")
+    reason: str
+    kind: str | None
+    ticket: str | None = Field(description="The waiting job's id.")
+    queued_at: float
+
+
 class GateInfo(BaseModel):
     state: str = Field(description="`idle` or `busy`.", examples=["idle"])
     current: HeavyTaskInfo | None = Field(None, description="The running heavy task.")
     queue_length: int = 0
+    queue: list[QueueEntryInfo] = Field(
+        default_factory=list, description="Who waits for the gate, in the order they run."
+    )
     max_waiting: int = Field(description="`queue.max_waiting`: more waiting answer 503.")
     outcomes: dict[str, int] = Field(
         default_factory=dict, description="Decisions since start: ok, refused, queue_full, ..."
@@ -194,6 +206,9 @@ class SystemMemory(BaseModel):
     pipelines: list[PipelineInfoOut] = Field(
         description="Generation pipelines Edison has hosted: loaded or not, what they hold."
     )
+    jobs: list[JobView] = Field(
+        description="Generation jobs not done: running first, then by place in line."
+    )
 
 
 class Health(BaseModel):
@@ -257,7 +272,15 @@ class JobView(BaseModel):
     timings_ms: JobTimingsInfo
     error: ErrorDetail | None = Field(description="Why it failed or was cancelled.")
     created_at: float
+    started_at: float | None = Field(description="When it got the gate.")
     finished_at: float | None
+    position: int | None = Field(
+        description="Place in line: 0 running, 1 next, ...; null once done."
+    )
+    eta_s: float | None = Field(
+        description="Seconds until it is expected to finish, from the measured durations of "
+        "past jobs of its kind and size (its own progress once running); null once done."
+    )
 
 
 def job_view(job: Job) -> JobView:
@@ -279,5 +302,20 @@ def job_view(job: Job) -> JobView:
         if error is None
         else ErrorDetail(code=error.code, message=error.message, **error.details),
         created_at=job.created_at,
+        started_at=job.started_at,
         finished_at=job.finished_at,
+        position=job.position,
+        eta_s=job.eta_s,
     )
+
+
+def system_memory_view(report: MemoryReport) -> SystemMemory:
+    """The memory report as the API shows it (jobs in the job answer's shape)."""
+    fields = {f: getattr(report, f) for f in SystemMemory.model_fields if f != "jobs"}
+    return SystemMemory.model_validate(
+        {**fields, "jobs": [job_view(j) for j in report.jobs]}, from_attributes=True
+    )
+
+
+# SystemMemory names JobView, defined after it.
+SystemMemory.model_rebuild()

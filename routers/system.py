@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.deps import GateDep, MetricsDep, ModelsDep, PipelinesDep, PlacementDep
-from app.schemas import SystemMemory
+from app.deps import GateDep, JobsDep, MetricsDep, ModelsDep, PipelinesDep, PlacementDep
+from app.schemas import SystemMemory, system_memory_view
 from services.memory.report import memory_report
 
 router = APIRouter(tags=["system"])
@@ -19,10 +19,14 @@ router = APIRouter(tags=["system"])
     summary="RAM, VRAM per GPU, loaded models and pipelines, heavy slot and gate state",
 )
 async def system_memory(
-    placement: PlacementDep, models: ModelsDep, gate: GateDep, pipelines: PipelinesDep
+    placement: PlacementDep,
+    models: ModelsDep,
+    gate: GateDep,
+    pipelines: PipelinesDep,
+    jobs: JobsDep,
 ) -> SystemMemory:
-    report = await memory_report(placement, models, gate, pipelines)
-    return SystemMemory.model_validate(report, from_attributes=True)
+    report = await memory_report(placement, models, gate, pipelines, jobs)
+    return system_memory_view(report)
 
 
 @router.get(

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.errors import Cancelled, EdisonError, InsufficientMemory, InvalidRequest, NotFound
+from services.events import EventBus
+from services.generation.eta import DurationModel
 from services.generation.params import GenerationParams, RunResult
 from services.generation.pipelines import PipelineOOM
 from services.generation.registry import PipelineRegistry, PredictedNeed
-from services.generation.sizing import PipelineShape
+from services.generation.sizing import PipelineShape, request_size
 from services.memory.gate import GateDecision, MemoryGate
 from services.memory.placement import TaskNeed
 from services.settings import KINDS, Settings
@@ -86,7 +88,11 @@ class Job:
     timings_ms: JobTimings = field(default_factory=JobTimings)
     error: JobError | None = None
     created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
     finished_at: float | None = None
+    position: int | None = None  # 0 running, n waiting (1 is next), None when done
+    eta_s: float | None = None  # seconds until it is expected to finish, while not done
+    size: float | None = field(default=None, repr=False)  # the request's size (sizing.py)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     exc: EdisonError | None = field(default=None, repr=False)
@@ -108,11 +114,14 @@ class JobService:
         pipelines: PipelineRegistry,
         *,
         observe: Observer | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
         self.gate = gate
         self.pipelines = pipelines
         self.observe = observe
+        self.events = events
+        self.durations = DurationModel()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
 
     def prepare(self, kind: str, params: GenerationParams) -> GenerationParams:
@@ -161,6 +170,8 @@ class JobService:
             await self._check_it_can_ever_fit(kind, params, shape)
         job = Job(uuid.uuid4().hex, kind, params, shape=shape)
         job.progress.total = params.steps or 0
+        if shape is not None:
+            job.size = request_size(shape, params).value
         self.jobs[job.id] = job
         while len(self.jobs) > MAX_JOBS_KEPT:
             old_id, old = next(iter(self.jobs.items()))
@@ -168,7 +179,8 @@ class JobService:
                 break
             self.jobs.pop(old_id)
         job.task = asyncio.create_task(self._run(job), name=f"edison-job-{job.id}")
-        return job
+        self._publish("job.queued", job)
+        return self.locate(job)
 
     async def _check_it_can_ever_fit(
         self, kind: str, params: GenerationParams, shape: PipelineShape
@@ -194,7 +206,53 @@ class JobService:
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"No job {job_id!r}", job_id=job_id)
+        return self.locate(job)
+
+    def active(self) -> list[Job]:
+        """Jobs not done yet, running first, then in the order they will run."""
+        jobs = [self.locate(j) for j in self.jobs.values() if not j.done.is_set()]
+        return sorted(jobs, key=lambda j: (j.position is None, j.position or 0, j.created_at))
+
+    def locate(self, job: Job) -> Job:
+        """Set the job's place in line and its ETA (see eta.py for the method)."""
+        if job.done.is_set():
+            job.position, job.eta_s = None, None
+            return job
+        if job.status == "running":
+            job.position, job.eta_s = 0, self._remaining_s(job)
+            return job
+        queue = self.gate.queue()
+        ahead = [e for e in queue if e.ticket != job.id]
+        mine = next((e.position for e in queue if e.ticket == job.id), len(queue) + 1)
+        job.position = mine
+        eta = self._running_left_s()
+        for entry in ahead[: mine - 1]:
+            other = self.jobs.get(entry.ticket or "")
+            eta += self._duration_s(other.kind if other else entry.kind or "", other)
+        job.eta_s = round(eta + self._duration_s(job.kind, job), 2)
         return job
+
+    def _duration_s(self, kind: str, job: Job | None) -> float:
+        seconds = self.durations.predict(kind, job.size if job else None)
+        return self.gate.mean_task_s if seconds is None else seconds
+
+    def _remaining_s(self, job: Job) -> float:
+        elapsed = time.time() - (job.started_at or time.time())
+        done, total = job.progress.done, job.progress.total
+        if done > 0 and total >= done:
+            return round(elapsed / done * (total - done), 2)
+        return round(max(0.0, self._duration_s(job.kind, job) - elapsed), 2)
+
+    def _running_left_s(self) -> float:
+        running = next((j for j in self.jobs.values() if j.status == "running"), None)
+        if running is not None:
+            return self._remaining_s(running)
+        current = self.gate.current
+        return max(0.0, self.gate.mean_task_s - current.running_s) if current else 0.0
+
+    def _publish(self, type_: str, job: Job) -> None:
+        if self.events is not None:
+            self.events.publish(type_, self.locate(job))
 
     def cancel(self, job_id: str, why: str = "cancelled by request") -> Job:
         """Cancel a queued job now, a running one at its next step."""
@@ -205,7 +263,7 @@ class JobService:
         job.error = JobError("cancelled", why)
         if job.status == "queued" and job.task is not None:
             job.task.cancel()
-        return job
+        return self.locate(job)
 
     def cancel_all(self, why: str) -> None:
         for job in list(self.jobs.values()):
@@ -224,10 +282,13 @@ class JobService:
                 required_ram_mb=cfg.required_ram_mb,
                 kind=job.kind,
                 need_on=need_on,
+                ticket=job.id,
             ) as task:
                 if job.cancel_event.is_set():
                     raise Cancelled("Cancelled before it ran")
                 job.status = "running"
+                job.started_at = time.time()
+                self._publish("job.started", job)
                 job.gate = task.decision
                 job.timings_ms.queued = round(task.queued_ms, 1)
                 result = await self._run_with_retry(job, task.device, reason)
@@ -239,6 +300,8 @@ class JobService:
             job.timings_ms.load = round(result.load_ms, 1)
             job.timings_ms.run = round(result.run_ms, 1)
             job.status = "succeeded"
+            if job.size is not None and not result.used_savers:
+                self.durations.record(job.kind, job.size, (result.load_ms + result.run_ms) / 1000)
         except (asyncio.CancelledError, Cancelled):
             job.status = "cancelled"
             job.error = job.error or JobError("cancelled", "cancelled")
@@ -254,6 +317,7 @@ class JobService:
             job.timings_ms.total = round((time.perf_counter() - t0) * 1000, 1)
             job.finished_at = time.time()
             job.done.set()
+            self._publish("job.finished", job)
             if self.observe:
                 self.observe(job.kind, job.status, job.timings_ms.total / 1000)
 
@@ -278,8 +342,10 @@ class JobService:
             ) from exc
 
     async def _run_pipeline(self, job: Job, device: str, *, savers: bool) -> RunResult:
-        def on_step(done: int, total: int) -> None:
+        def on_step(done: int, total: int) -> None:  # in the pipeline's thread
             job.progress = JobProgress(done, total)
+            if self.events is not None:
+                self.events.from_thread(self._publish, "job.progress", job)
 
         return await self.pipelines.run(
             job.kind,

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 
 from services.errors import InsufficientMemory, ModelLoadFailed, ModelUnavailable, UnknownTier
+from services.events import EventBus
 from services.llm.loader import LadderLoader
 from services.llm.records import (
     FALLBACKS,
@@ -54,8 +55,10 @@ class ModelManager:
         *,
         python: str = sys.executable,
         worker_env: dict[str, str] | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        self.events = events
         self.placement = placement
         self.probe = placement.probe
         self.ledger = placement.ledger
@@ -94,6 +97,10 @@ class ModelManager:
 
     def loads_total(self) -> int:
         return sum(t.loads for t in self.tiers.values())
+
+    def _publish(self, type_: str, tier: TierState) -> None:
+        if self.events is not None:
+            self.events.publish(type_, tier.view())
 
     def _tier(self, key: str) -> TierState:
         if key not in self.tiers:
@@ -169,14 +176,17 @@ class ModelManager:
         if tier.heavy and (occupant := self.heavy_slot) not in (None, tier.name):
             await self._unload_locked(self.tiers[occupant], f"heavy slot wanted by {tier.name}")
         tier.status, tier.last_error, tier.attempts = "loading", None, []
+        self._publish("model.loading", tier)
         try:
             model = await self.loader.load(tier)
         except Exception as exc:
             tier.status = "failed"
             tier.last_error = getattr(exc, "message", None) or str(exc)
+            self._publish("model.failed", tier)
             raise
         tier.model, tier.status = model, "loaded"
         tier.loads += 1
+        self._publish("model.loaded", tier)
         log.info(
             "Model loaded: tier=%s reason=%s rung=%d layers=%d ctx=%d device=%s "
             "estimate=%.0fMB measured=%s rss=%s ready=%.0fms",
@@ -218,6 +228,7 @@ class ModelManager:
                 log.warning(
                     "Model %s worker (pid %s) died with code %d", tier.name, worker.pid, code
                 )
+                self._publish("model.unloaded", tier)
 
     # ---- using ---------------------------------------------------------------------
     async def resolve(self, key: str, *, fallback: bool = True) -> Resolution:
@@ -317,6 +328,8 @@ class ModelManager:
                 t.model, t.alias_of, t.status = None, None, "unloaded"
         names = [t.name for t in sharing]
         tier.unloads += 1
+        for t in sharing:
+            self._publish("model.unloaded", t)
         settling = False
         if model.device != CPU and model.n_gpu_layers:
             released = await wait_gpu_memory_released(

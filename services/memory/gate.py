@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 
 from services.errors import InsufficientMemory, QueueFull, QueueTimeout
+from services.events import EventBus
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import (
     DeviceView,
@@ -94,6 +95,17 @@ class HeavyTask:
         return time.time() - self.started_at
 
 
+@dataclass(frozen=True)
+class QueueEntry:
+    """A heavy task waiting for the gate."""
+
+    position: int  # 1 is next
+    reason: str
+    kind: str | None
+    ticket: str | None  # the job id, when a job waits
+    queued_at: float
+
+
 @dataclass
 class GateState:
     """What the gate is doing now, for /system/memory and the metrics."""
@@ -101,6 +113,7 @@ class GateState:
     state: str  # idle | busy
     current: HeavyTask | None
     queue_length: int
+    queue: list[QueueEntry]  # in the order they will run
     max_waiting: int
     outcomes: dict[str, int]  # decisions and refusals since start, by outcome
     last_decisions: list[GateDecision]
@@ -116,8 +129,10 @@ class MemoryGate:
         models: ModelManager,
         *,
         pipelines: IdlePipelines | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
+        self.events = events
         self.placement = placement
         self.ledger = placement.ledger
         self.models = models
@@ -127,6 +142,7 @@ class MemoryGate:
         # hand the slot over in arrival order even when a waiter times out or is cancelled.
         self._busy = False
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._entries: dict[asyncio.Future[None], tuple[str, str | None, str | None, float]] = {}
         self.current: HeavyTask | None = None
         self.decisions: deque[GateDecision] = deque(maxlen=20)
         self.outcomes: dict[str, int] = {}
@@ -140,22 +156,35 @@ class MemoryGate:
     def queue_length(self) -> int:
         return sum(1 for f in self._waiters if not f.done())
 
+    def queue(self) -> list[QueueEntry]:
+        """Who waits, in the order they will run."""
+        waiting = [self._entries[f] for f in self._waiters if not f.done() and f in self._entries]
+        return [QueueEntry(i, *entry) for i, entry in enumerate(waiting, start=1)]
+
     def describe(self) -> GateState:
         return GateState(
             state="busy" if self._busy else "idle",
             current=self.current,
             queue_length=self.queue_length,
+            queue=self.queue(),
             max_waiting=self.settings.queue.max_waiting,
             outcomes=dict(self.outcomes),
             last_decisions=list(self.decisions)[-10:],
         )
+
+    @property
+    def mean_task_s(self) -> float:
+        """A running mean of how long heavy tasks held the gate (10 s before the first)."""
+        return self._mean_task_s
 
     def retry_after_s(self) -> float:
         """A guess at when a slot frees up: mean task time x tasks ahead."""
         return max(1.0, self._mean_task_s * (self.queue_length + 1))
 
     # ---- queue ---------------------------------------------------------------------
-    async def _acquire(self) -> float:
+    async def _acquire(
+        self, reason: str = "", kind: str | None = None, ticket: str | None = None
+    ) -> float:
         """Wait for the gate in FIFO order; return the ms waited."""
         t0 = time.perf_counter()
         if not self._busy and not self.queue_length:
@@ -171,6 +200,7 @@ class MemoryGate:
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        self._entries[fut] = (reason, kind, ticket, time.time())
         try:
             async with asyncio.timeout(self.settings.queue.max_wait_s):
                 await fut
@@ -181,6 +211,7 @@ class MemoryGate:
                 fut.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
+            self._entries.pop(fut, None)
             if isinstance(exc, TimeoutError):
                 self._count("queue_timeout")
                 raise QueueTimeout(
@@ -189,6 +220,7 @@ class MemoryGate:
                     queue_length=self.queue_length,
                 ) from None
             raise
+        self._entries.pop(fut, None)
         return (time.perf_counter() - t0) * 1000
 
     def _release(self) -> None:
@@ -312,6 +344,8 @@ class MemoryGate:
             "; ".join(d.actions),
         )
         self.decisions.append(d)
+        if self.events is not None:
+            self.events.publish("gate.decision", d)
 
     async def post_heavy_task(self) -> None:
         """Flush caches, and bring the fast model back in the background if the gate
@@ -353,13 +387,14 @@ class MemoryGate:
         required_ram_mb: float | None = None,
         kind: str | None = None,
         need_on: Callable[[str], TaskNeed] | None = None,
+        ticket: str | None = None,
     ) -> AsyncIterator[HeavyTask]:
         """Hold the gate for one heavy task; raises QueueFull, QueueTimeout or
         InsufficientMemory (all 503 with Retry-After) when it cannot run.
 
         ``need_on(device)`` predicts the task's need on the device it will run on (a
         request-sized prediction); without it the given figures stand."""
-        queued_ms = await self._acquire()
+        queued_ms = await self._acquire(reason, kind, ticket)
         res: Reservation | None = None
         t_start = time.monotonic()
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from services.generation.jobs import Job
 from services.generation.pipelines import PipelineInfo
 from services.llm.records import LoadedModel
 from services.memory.gate import GateState
@@ -15,6 +16,7 @@ from services.memory.placement import Placement
 from services.memory.probe import GpuMemory
 
 if TYPE_CHECKING:
+    from services.generation.jobs import JobService
     from services.generation.registry import PipelineRegistry
     from services.llm.manager import ModelManager
     from services.memory.gate import MemoryGate
@@ -36,10 +38,15 @@ class MemoryReport:
     heavy_slot: str | None
     gate: GateState
     pipelines: list[PipelineInfo]
+    jobs: list[Job]  # generation jobs not done: running first, then by place in line
 
 
 async def memory_report(
-    placement: Placement, models: ModelManager, gate: MemoryGate, pipelines: PipelineRegistry
+    placement: Placement,
+    models: ModelManager,
+    gate: MemoryGate,
+    pipelines: PipelineRegistry,
+    jobs: JobService,
 ) -> MemoryReport:
     """Memory now, probed in a thread, with what holds it."""
     view = await placement.view()
@@ -59,4 +66,5 @@ async def memory_report(
         heavy_slot=models.heavy_slot,
         gate=gate.describe(),
         pipelines=pipelines.describe(),
+        jobs=jobs.active(),
     )

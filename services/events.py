@@ -1,0 +1,79 @@
+"""The event bus: what happens in Edison, as it happens, for `GET /events` and the page.
+
+Services publish typed payloads (a tier's view, a gate decision, a job); each subscriber
+gets them in order through its own bounded queue. A subscriber that does not keep up
+loses events, counted, rather than slowing anyone: publishing never waits. Events are
+published from the event loop; a worker thread hands them over with
+:meth:`EventBus.from_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUE_SIZE = 256  # events kept for a subscriber that is behind; more are dropped
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    type: str  # model.loading | model.loaded | model.failed | model.unloaded | gate.decision
+    # | job.queued | job.started | job.progress | job.finished | memory.snapshot
+    at: float
+    payload: Any  # a service dataclass: TierView, GateDecision, Job, MemoryReport
+
+
+@dataclass
+class Subscriber:
+    queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    dropped: int = 0
+
+
+class EventBus:
+    """One per app."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self._subscribers: set[Subscriber] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.changed = asyncio.Event()  # set by every event; the snapshot task clears it
+        self.published = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def publish(self, type_: str, payload: Any) -> None:
+        """Hand an event to every subscriber; never waits (a full queue drops it)."""
+        event = Event(next(self._seq), type_, time.time(), payload)
+        self.published += 1
+        if type_ != "memory.snapshot":
+            self.changed.set()
+        for sub in self._subscribers:
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.dropped += 1
+
+    def from_thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` (which publishes) on the event loop, from a worker thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        """Events from now on, until the consumer stops iterating (then unsubscribed)."""
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        try:
+            while True:
+                yield await sub.queue.get()
+        finally:
+            self._subscribers.discard(sub)

@@ -1,0 +1,43 @@
+"""How long a generation will take: learned from the measured durations of past runs.
+
+Per kind, the seconds a job held the gate (pipeline load + run) against its request's
+size (``sizing.py``): a least-squares line once two sizes were measured (slope never
+negative), the mean of that kind after one run, none before. A running job's remaining
+time comes from its own progress once a step is done (elapsed / steps done x steps
+left), else from the line less the time it has run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+MAX_SAMPLES = 32
+
+
+class DurationModel:
+    """One per app. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._samples: dict[str, deque[tuple[float, float]]] = {}
+
+    def record(self, kind: str, size: float, seconds: float) -> None:
+        if size > 0 and seconds >= 0:
+            with self._lock:
+                self._samples.setdefault(kind, deque(maxlen=MAX_SAMPLES)).append((size, seconds))
+
+    def predict(self, kind: str, size: float | None) -> float | None:
+        """Seconds a job of this kind and size holds the gate; None before any run."""
+        with self._lock:
+            points = list(self._samples.get(kind, ()))
+        if not points:
+            return None
+        n = len(points)
+        mx = sum(x for x, _ in points) / n
+        my = sum(y for _, y in points) / n
+        sxx = sum((x - mx) ** 2 for x, _ in points)
+        if size is None or sxx == 0:
+            return my
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in points) / sxx)
+        return max(0.0, my + b * (size - mx))
