@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from services.events import EventBus
 from services.generation.jobs import JobService
 from services.generation.registry import PipelineRegistry
 from services.llm.chat import ChatProxy
@@ -57,6 +58,10 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def get_events(request: Request) -> EventBus:
+    return request.app.state.events
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PlacementDep = Annotated[Placement, Depends(get_placement)]
 ModelsDep = Annotated[ModelManager, Depends(get_models)]
@@ -66,3 +71,4 @@ PipelinesDep = Annotated[PipelineRegistry, Depends(get_pipelines)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 SwarmDep = Annotated[SwarmService, Depends(get_swarm)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+EventsDep = Annotated[EventBus, Depends(get_events)]

@@ -13,12 +13,13 @@ from typing import Any
 from anyio import to_thread
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.logging_setup import configure_logging
 from app.schemas import ErrorBody
 from app.security import require_api_key
-from routers import chat, generate, health, jobs, models, swarm, system
+from routers import chat, events, generate, health, jobs, models, swarm, system
 from services.events import EventBus
 from services.generation.jobs import JobService
 from services.generation.registry import PipelineRegistry
@@ -182,4 +183,9 @@ def create_app(
     app.include_router(generate.router, dependencies=protected)
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(swarm.router, dependencies=protected)
+    app.include_router(events.router, dependencies=protected)
+    # The page and its files are public, like /docs: every call the page makes carries
+    # the API key, which it asks for and keeps in the browser's session storage.
+    app.include_router(events.page)
+    app.mount("/ui/static", StaticFiles(directory=events.STATIC), name="ui-static")
     return app

@@ -105,6 +105,8 @@ class MusicRequest(_Common):
 class Accepted(BaseModel):
     job_id: str
     status_url: str
+    position: int | None = Field(description="Place in line: 0 running, 1 next, ...")
+    eta_s: float | None = Field(description="Seconds until it is expected to finish.")
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -121,8 +123,11 @@ async def _submit(
 ) -> JobView | JSONResponse:
     job = await jobs.submit(kind, params)  # checks limits and fit: 422 naming the field
     if prefer and "respond-async" in prefer.lower():
+        accepted = Accepted(
+            job_id=job.id, status_url=f"/jobs/{job.id}", position=job.position, eta_s=job.eta_s
+        )
         return JSONResponse(
-            Accepted(job_id=job.id, status_url=f"/jobs/{job.id}").model_dump(),
+            accepted.model_dump(),
             status_code=202,
             headers={"Location": f"/jobs/{job.id}"},
         )

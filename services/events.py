@@ -10,9 +10,10 @@ published from the event loop; a worker thread hands them over with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ class Event:
     payload: Any  # a service dataclass: TierView, GateDecision, Job, MemoryReport
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in a set
 class Subscriber:
     queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: int = 0
@@ -68,12 +69,18 @@ class EventBus:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fn, *args)
 
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Events from now on, until the consumer stops iterating (then unsubscribed)."""
+    @contextlib.contextmanager
+    def subscription(self) -> Iterator[Subscriber]:
+        """A subscriber for the block: events from now on, in order, in its queue."""
         sub = Subscriber()
         self._subscribers.add(sub)
         try:
-            while True:
-                yield await sub.queue.get()
+            yield sub
         finally:
             self._subscribers.discard(sub)
+
+    async def subscribe(self) -> AsyncIterator[Event]:
+        """Events from now on, until the consumer stops iterating (then unsubscribed)."""
+        with self.subscription() as sub:
+            while True:
+                yield await sub.queue.get()

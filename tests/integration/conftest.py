@@ -23,6 +23,7 @@ class StepGate:
     def __init__(self, at: int = 1) -> None:
         self.at = at
         self._open = threading.Event()
+        self._permits = threading.Semaphore(0)
         self._lock = threading.Lock()
         self.held = 0  # runs waiting at the gate now
         self.in_flight = 0
@@ -33,6 +34,10 @@ class StepGate:
         """Let every held run (and every later one) go on."""
         self._open.set()
 
+    def release_one(self) -> None:
+        """Let one held run (the next to arrive, if none is held) go on."""
+        self._permits.release()
+
     def wait_held(self, n: int = 1, timeout: float = 60) -> None:
         wait_until(lambda: self.held >= n, timeout=timeout, what=f"{n} run(s) held at a step")
 
@@ -41,6 +46,8 @@ class StepGate:
             self.held += 1
         try:
             while not self._open.wait(0.01):
+                if self._permits.acquire(blocking=False):
+                    return
                 if should_cancel is not None and should_cancel():
                     return
         finally:
