@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= var/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo run test lint bench doctor clean
+.PHONY: install demo run test lint browser bench doctor clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint Dockerfile
 
-test: $(STAMP) lint
+# The operator page's tests drive Debian's Chromium (with Playwright, from PyPI). Installed
+# here when missing and when apt-get can (root, as in CI); otherwise those tests skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the operator page tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null; } \
+	  || echo "could not install chromium: the browser tests will be skipped"; }
+
+test: $(STAMP) lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: demo
