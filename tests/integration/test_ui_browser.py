@@ -133,3 +133,15 @@ def test_the_page_asks_for_the_api_key_and_keeps_it_out_of_urls(
     assert tier_state(page, "fast").startswith("loaded")
     assert all(key not in u for u in urls)
     assert page.evaluate("sessionStorage.getItem('edison-api-key')") == key
+
+
+def test_the_page_works_with_no_models_configured(make_settings, live_server, browser) -> None:
+    server = live_server(create_app(make_settings()))
+    wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=60)
+    page = browser.new_page()
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#live.on")
+    assert page.locator("#tiers tbody tr").count() == 0
+    assert page.inner_text("#heavy-slot") == "empty"
+    assert page.locator('#bars .segment[data-kind="usable"]').count() == 1
+    assert page.is_visible("#no-jobs") and page.is_visible("#no-pipelines")
