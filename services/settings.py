@@ -50,6 +50,12 @@ class ServerSettings(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Lowest level of log line written."
     )
+    max_body_mb: float = Field(
+        8,
+        gt=0,
+        le=1024,
+        description="Largest request body; a larger one is refused with 413 before it is read.",
+    )
 
 
 class MemorySettings(_Section):
@@ -84,6 +90,16 @@ class MemorySettings(_Section):
     )
     recovery_poll_s: float = Field(
         0.25, gt=0, le=5, description="Polling interval while waiting for memory to come back."
+    )
+    probe_backoff_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="A probe step that timed out or failed is skipped this long, then retried "
+        "in the background; each new failure doubles the wait.",
+    )
+    probe_backoff_max_s: float = Field(
+        300.0, gt=0, le=86400, description="Longest a failing probe step is skipped."
     )
     learn_after: int = Field(
         3,
@@ -203,6 +219,11 @@ class PipelineSettings(_Section):
     )
     max_steps: int = Field(50, ge=1, le=1000, description="Largest `steps` a request may ask.")
     default_steps: int = Field(25, ge=1, le=1000, description="`steps` when a request omits it.")
+    preload: bool = Field(
+        False,
+        description="Load the pipeline at start-up and run one tiny warm-up step on its device "
+        "before /ready (the first request then pays no load and no kernel warm-up).",
+    )
 
 
 class ImageSettings(PipelineSettings):
