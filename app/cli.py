@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.errors import ConfigError
+
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _load(config: str | None, check_paths: bool = True):
@@ -19,6 +25,28 @@ def _load(config: str | None, check_paths: bool = True):
     except ConfigError as exc:
         print(f"edison: invalid configuration: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn that shuts down on SIGINT/SIGTERM and then returns, so `edison serve`
+        exits 0 after a clean shutdown (uvicorn re-raises the signal, exiting -15)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {s: signal.signal(s, self.handle_exit) for s in SHUTDOWN_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,14 +61,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         settings.server.port = args.port
     configure_logging(settings.server.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         timeout_graceful_shutdown=30,
     )
-    return 0
+    server = _server_class()(config)
+    server.run()
+    return 0 if server.started else 1
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -84,6 +84,11 @@ async def _edison_error(_: Request, exc: e.EdisonError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    broken = [err for err in exc.errors() if err.get("type") == "json_invalid"]
+    if broken:  # not JSON at all: 400, as for any body the server cannot parse
+        ctx = broken[0].get("ctx") or {}
+        why = ctx.get("error") or broken[0].get("msg", "invalid JSON")
+        return error_response(400, "invalid_json", f"The body is not valid JSON: {why}")
     fields = []
     for err in exc.errors():
         msg = str(err.get("msg", "invalid"))
@@ -110,10 +115,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or wrong API key."},
-    422: {"description": "Invalid request; `error.fields` names each bad field."},
-    503: {"description": "Short of memory or queue space, or not ready; see `Retry-After`."},
-}

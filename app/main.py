@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,10 +16,12 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.errors import ERROR_RESPONSES, install_error_handlers
-from app.logging_setup import configure_logging
-from app.schemas import ErrorBody
-from app.security import require_api_key
+from app.errors import install_error_handlers
+from app.guard import RequestGuard
+from app.logging_setup import configure_logging, quiet_libraries
+from app.openapi import configured_openapi
+from app.schemas import error_responses
+from app.security import bearer_scheme
 from routers import chat, events, generate, health, jobs, models, swarm, system
 from services.events import EventBus
 from services.generation.jobs import JobService
@@ -62,16 +65,38 @@ async def _startup_work(app: FastAPI) -> None:
             snap.ram_available_mb,
         )
         if any(getattr(settings.generation, k).pipeline for k in KINDS):
-            # The first generation would otherwise pay for importing torch and diffusers.
-            await to_thread.run_sync(importlib.import_module, "diffusers")
+            # The first generation would otherwise pay for importing torch and diffusers
+            # (about 5 s on the GPU host) after /ready said yes.
+            state.startup_detail = probe + "; importing the generation stack"
+            await to_thread.run_sync(import_generation_stack)
         outcome = await state.models.load_llm_models()
         loads = ", ".join(f"{e.tier}: {e.outcome}" for e in outcome) or "no tiers configured"
         state.startup_detail = f"{probe}; models: {loads}"
+        warmed = []
+        for kind in KINDS:
+            cfg = getattr(settings.generation, kind)
+            if cfg.preload and cfg.pipeline is not None:
+                state.startup_detail = f"{probe}; models: {loads}; warming {kind}"
+                try:
+                    ms = await state.jobs.warm(kind)
+                    warmed.append(f"{kind} warmed in {ms:.0f} ms")
+                except Exception as exc:  # noqa: BLE001 - a broken pipeline must not stop start-up
+                    warmed.append(f"{kind} failed: {getattr(exc, 'message', exc)}")
+        state.startup_detail = f"{probe}; models: {loads}" + (
+            f"; pipelines: {', '.join(warmed)}" if warmed else ""
+        )
     except Exception as exc:  # noqa: BLE001 - a failed start-up step must not kill the app
         state.startup_detail = f"start-up failed: {exc}"
         log.exception("start-up work failed")
     finally:
         state.ready.set()
+
+
+def import_generation_stack() -> None:
+    """Import torch, diffusers and transformers, and route their chatter to the log."""
+    importlib.import_module("diffusers")
+    importlib.import_module("transformers")
+    quiet_libraries()
 
 
 async def _memory_snapshots(app: FastAPI) -> None:
@@ -162,12 +187,17 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
-        responses={code: {**r, "model": ErrorBody} for code, r in ERROR_RESPONSES.items()},
     )
     app.state.settings = settings
     app.state.manager_options = manager_options
     app.state.probe_override = probe
-    if settings.server.cors_origins:
+    key = settings.server.api_key
+    app.add_middleware(
+        RequestGuard,
+        api_key=key.get_secret_value() if key is not None else None,
+        max_body_mb=settings.server.max_body_mb,
+    )
+    if settings.server.cors_origins:  # outside the guard: it answers CORS preflights
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.server.cors_origins,
@@ -175,17 +205,25 @@ def create_app(
             allow_headers=["*"],
         )
     install_error_handlers(app)
-    protected = [Depends(require_api_key)]
+    protected = [Depends(bearer_scheme)]  # documents the key; RequestGuard checks it
+    bodies = error_responses(400, 401, 413, 422)  # routes that read a JSON body
     app.include_router(health.router)
-    app.include_router(system.router, dependencies=protected)
-    app.include_router(models.router, dependencies=protected)
-    app.include_router(chat.router, dependencies=protected)
-    app.include_router(generate.router, dependencies=protected)
-    app.include_router(jobs.router, dependencies=protected)
-    app.include_router(swarm.router, dependencies=protected)
-    app.include_router(events.router, dependencies=protected)
+    app.include_router(system.router, dependencies=protected, responses=error_responses(401))
+    app.include_router(models.router, dependencies=protected, responses=error_responses(401))
+    app.include_router(
+        chat.router, dependencies=protected, responses=bodies | error_responses(404, 502, 503)
+    )
+    app.include_router(
+        generate.router, dependencies=protected, responses=bodies | error_responses(500, 503)
+    )
+    app.include_router(jobs.router, dependencies=protected, responses=error_responses(401, 404))
+    app.include_router(
+        swarm.router, dependencies=protected, responses=bodies | error_responses(502, 503)
+    )
+    app.include_router(events.router, dependencies=protected, responses=error_responses(401))
     # The page and its files are public, like /docs: every call the page makes carries
     # the API key, which it asks for and keeps in the browser's session storage.
     app.include_router(events.page)
     app.mount("/ui/static", StaticFiles(directory=events.STATIC), name="ui-static")
+    app.openapi = functools.partial(configured_openapi, app, settings)  # type: ignore[method-assign]
     return app

@@ -8,7 +8,7 @@ no figure a service computes is dropped on the way.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,6 +27,25 @@ class ErrorBody(BaseModel):
     """The one error body of the whole API."""
 
     error: ErrorDetail
+
+
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "The body is not JSON (`invalid_json`), or the prompt does not fit the model's "
+    "context (`context_length_exceeded`, with the numbers).",
+    401: "Missing or wrong API key (`server.api_key`).",
+    404: "No such tier, job or output.",
+    413: "The body is larger than `server.max_body_mb`.",
+    422: "Invalid request; `error.fields` names each bad field.",
+    500: "The generation failed inside its pipeline (`internal_error`); Edison stays up.",
+    502: "The model's worker broke off or failed (`upstream_error`).",
+    503: "Short of memory or queue space, a model or pipeline unavailable, or not ready: "
+    "see `Retry-After`.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these statuses, each with the common error body."""
+    return {c: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[c]} for c in codes}
 
 
 class GpuInfo(BaseModel):

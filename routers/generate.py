@@ -22,7 +22,7 @@ router = APIRouter(tags=["generation"])
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str = Field(min_length=1, max_length=4000, description="What to generate.")
     negative_prompt: str | None = Field(None, max_length=4000, description="What to avoid.")
     steps: int | None = Field(
@@ -48,6 +48,7 @@ def _multiple_of_8(v: int | None) -> int | None:
 
 class ImageRequest(_Common):
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         json_schema_extra={
             "examples": [
@@ -71,6 +72,7 @@ class ImageRequest(_Common):
 
 class VideoRequest(_Common):
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         json_schema_extra={
             "examples": [
@@ -96,6 +98,7 @@ class VideoRequest(_Common):
 
 class MusicRequest(_Common):
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         json_schema_extra={"examples": [{"prompt": "calm piano", "duration_s": 10, "steps": 50}]},
     )

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from app.deps import ModelsDep
-from app.schemas import LoadedModelInfo
+from app.schemas import LoadedModelInfo, error_responses
 
 router = APIRouter(tags=["models"])
 
@@ -88,13 +88,23 @@ async def unload_all(models: ModelsDep) -> UnloadResultOut:
     return UnloadResultOut.model_validate(out, from_attributes=True)
 
 
-@router.post("/models/{key}/load", response_model=TierInfo, summary="Load a tier now")
+@router.post(
+    "/models/{key}/load",
+    response_model=TierInfo,
+    summary="Load a tier now",
+    responses=error_responses(404, 503),
+)
 async def load(key: str, models: ModelsDep) -> TierInfo:
     await models.load(key, reason="operator")
     return TierInfo.model_validate(models.tier_view(key), from_attributes=True)
 
 
-@router.post("/models/{key}/unload", response_model=UnloadResultOut, summary="Unload a tier now")
+@router.post(
+    "/models/{key}/unload",
+    response_model=UnloadResultOut,
+    summary="Unload a tier now",
+    responses=error_responses(404),
+)
 async def unload(key: str, models: ModelsDep) -> UnloadResultOut:
     out = await models.unload(key, reason="operator")
     return UnloadResultOut.model_validate(out, from_attributes=True)

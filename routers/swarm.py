@@ -17,7 +17,7 @@ Tier = Literal["fast", "medium", "deep", "reasoning", "vision"]
 
 
 class SwarmAgent(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=64, description="Unique name of the agent.")
     role: str = Field("", max_length=1000, description="Who the agent is, e.g. `a sceptic`.")
     model: Tier = Field("fast", description="The tier the agent asks for.")
@@ -25,6 +25,7 @@ class SwarmAgent(BaseModel):
 
 class SwarmRequest(BaseModel):
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         json_schema_extra={
             "examples": [
@@ -72,7 +73,7 @@ class PolicyOut(BaseModel):
     reason: str
     free_vram_mb: float = Field(description="Usable memory on the device (RAM on a CPU host).")
     threshold_mb: float = Field(description="`swarm.degraded_threshold_mb`.")
-    heavy_needed: int = Field(description="Distinct heavy tiers asked for that were not loaded.")
+    heavy_needed: int = Field(description="Distinct heavy tiers the agents ask for.")
     device: str
 
 

@@ -7,7 +7,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import GateDep, JobsDep, MetricsDep, ModelsDep, PipelinesDep, PlacementDep
-from app.schemas import SystemMemory, system_memory_view
+from app.schemas import ERROR_DESCRIPTIONS, SystemMemory, system_memory_view
 from services.memory.report import memory_report
 
 router = APIRouter(tags=["system"])
@@ -33,6 +33,13 @@ async def system_memory(
     "/metrics",
     summary="Prometheus metrics: memory per device, models, gate decisions, queue, task durations",
     response_class=PlainTextResponse,
+    # Errors are JSON whatever the route's own media type is.
+    responses={
+        401: {
+            "description": ERROR_DESCRIPTIONS[401],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        }
+    },
 )
 async def metrics(
     placement: PlacementDep, models: ModelsDep, gate: GateDep, metrics: MetricsDep

@@ -1,10 +1,10 @@
 """How long a generation will take: learned from the measured durations of past runs.
 
-Per kind, the seconds a job held the gate (pipeline load + run) against its request's
-size (``sizing.py``): a least-squares line once two sizes were measured (slope never
-negative), the mean of that kind after one run, none before. A running job's remaining
-time comes from its own progress once a step is done (elapsed / steps done x steps
-left), else from the line less the time it has run.
+Per kind, the seconds a job's pipeline ran (a load, which happens once, is left out)
+against its request's size (``sizing.py``): a least-squares line once two sizes were
+measured (slope never negative), the mean of that kind after one run, none before. A
+running job's remaining time comes from its own progress once a step is done (elapsed /
+steps done x steps left), else from the line less the time it has run.
 """
 
 from __future__ import annotations

@@ -123,6 +123,7 @@ class JobService:
         self.events = events
         self.durations = DurationModel()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
+        gate.queue_drain_s = self.queue_drain_s  # Retry-After from measured durations
 
     def prepare(self, kind: str, params: GenerationParams) -> GenerationParams:
         """Check a request against the config's limits (InvalidRequest naming the field)
@@ -181,6 +182,22 @@ class JobService:
         job.task = asyncio.create_task(self._run(job), name=f"edison-job-{job.id}")
         self._publish("job.queued", job)
         return self.locate(job)
+
+    async def warm(self, kind: str) -> float:
+        """Load a pipeline and run one tiny step through the gate (start-up preload);
+        returns the milliseconds it took."""
+        cfg = self.pipelines.config(kind)
+        tiny = {
+            "image": GenerationParams("warm-up", steps=1, width=64, height=64, seed=0),
+            "video": GenerationParams("warm-up", steps=1, width=64, height=64, num_frames=2),
+            "music": GenerationParams("warm-up", steps=1, duration_s=0.5, seed=0),
+        }[kind]
+        t0 = time.perf_counter()
+        async with self.gate.heavy_task(
+            cfg.required_vram_mb, f"{kind}: warm-up", required_ram_mb=cfg.required_ram_mb, kind=kind
+        ) as task:
+            await self.pipelines.warm(kind, task.device, tiny)
+        return (time.perf_counter() - t0) * 1000
 
     async def _check_it_can_ever_fit(
         self, kind: str, params: GenerationParams, shape: PipelineShape
@@ -250,6 +267,15 @@ class JobService:
         current = self.gate.current
         return max(0.0, self.gate.mean_task_s - current.running_s) if current else 0.0
 
+    def queue_drain_s(self) -> float:
+        """Seconds until the running job and every waiting one are done, predicted from
+        the measured run times of their kinds and sizes."""
+        left = self._running_left_s()
+        for entry in self.gate.queue():
+            other = self.jobs.get(entry.ticket or "")
+            left += self._duration_s(other.kind if other else entry.kind or "", other)
+        return left
+
     def _publish(self, type_: str, job: Job) -> None:
         if self.events is not None:
             self.events.publish(type_, self.locate(job))
@@ -301,7 +327,8 @@ class JobService:
             job.timings_ms.run = round(result.run_ms, 1)
             job.status = "succeeded"
             if job.size is not None and not result.used_savers:
-                self.durations.record(job.kind, job.size, (result.load_ms + result.run_ms) / 1000)
+                # The run alone: a pipeline load happens once, not for every job in line.
+                self.durations.record(job.kind, job.size, result.run_ms / 1000)
         except (asyncio.CancelledError, Cancelled):
             job.status = "cancelled"
             job.error = job.error or JobError("cancelled", "cancelled")
@@ -332,11 +359,13 @@ class JobService:
         try:
             return await self._run_pipeline(job, device, savers=True)
         except PipelineOOM as exc:
+            after = (await self.pipelines.placement.view()).budget
+            need = job.predicted.need.mb if job.predicted is not None else None
             raise InsufficientMemory(
                 f"{job.kind} ran out of VRAM even with memory savers and nothing else loaded",
                 retry_after_s=30,
-                required_vram_mb=self.pipelines.config(job.kind).required_vram_mb,
-                free_vram_mb=None,
+                required_vram_mb=need or self.pipelines.config(job.kind).required_vram_mb,
+                free_vram_mb=round(after.usable_mb, 1),
                 freed_mb=0,
                 device=device,
             ) from exc

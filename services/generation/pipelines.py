@@ -234,6 +234,7 @@ class PipelineHost:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         savers: bool = False,
+        write: bool = True,
     ) -> RunResult:
         """Generate, write the files under ``outputs_dir``, and say what was written."""
         with self._lock:
@@ -269,7 +270,7 @@ class PipelineHost:
                     savers=savers,
                 )
             run_ms = (time.perf_counter() - start) * 1000
-            outputs = write_outputs(self.kind, self.outputs_dir, pipe, out, params)
+            outputs = write_outputs(self.kind, self.outputs_dir, pipe, out, params) if write else []
             peak = meter.reading
             if peak is not None and peak.sane:
                 self.persisted_mb += peak.persisted_mb

@@ -202,6 +202,18 @@ class PipelineRegistry:
             await self._learn(kind, host, result, predicted)
         return result
 
+    async def warm(self, kind: str, device: str, params: GenerationParams) -> RunResult:
+        """Load ``kind`` and run it once without writing files: the first request then pays
+        no load and no kernel warm-up. Learns nothing (a first run is not typical)."""
+        host = self.host(kind, device)
+        call = functools.partial(host.run, params, write=False)
+        self._running.add(kind)
+        try:
+            return await anyio.to_thread.run_sync(call)
+        finally:
+            self._running.discard(kind)
+            self._hold(kind, host)
+
     async def _unload(self, kind: str, host: PipelineHost) -> None:
         await anyio.to_thread.run_sync(host.unload)
         self._release(kind)

@@ -150,6 +150,8 @@ class MemoryGate:
         self._unloaded_fast = False
         self._collect_next = False
         self._background: set[asyncio.Task[None]] = set()
+        # Seconds until the running and waiting tasks are done (set by the job service).
+        self.queue_drain_s: Callable[[], float] | None = None
 
     # ---- views ---------------------------------------------------------------------
     @property
@@ -178,7 +180,11 @@ class MemoryGate:
         return self._mean_task_s
 
     def retry_after_s(self) -> float:
-        """A guess at when a slot frees up: mean task time x tasks ahead."""
+        """When a place in line is likely to free up: the time the queue ahead needs to
+        drain, predicted from measured run times when the job service gives it (else
+        the running mean task time x tasks ahead)."""
+        if self.queue_drain_s is not None:
+            return max(1.0, self.queue_drain_s())
         return max(1.0, self._mean_task_s * (self.queue_length + 1))
 
     # ---- queue ---------------------------------------------------------------------

@@ -3,7 +3,7 @@
 From the figures placement gives (the ledger's ``usable_mb`` on the work device, the
 figure the gate decides on) the policy picks:
 
-* ``normal``: at most one heavy model to load, or free memory above 2 x threshold.
+* ``normal``: at most one heavy tier asked for, or free memory above 2 x threshold.
   Every agent gets its tier and agents run concurrently, except that distinct heavy
   tiers still take turns in the heavy slot (it holds one model; letting them run at
   once would make them evict each other, which is the thrash this layer exists to stop).
@@ -42,7 +42,7 @@ def decide(heavy_needed: int, free_mb: float, threshold_mb: float) -> tuple[str,
     decides whether it loads or falls back down the tier chain.
     """
     if heavy_needed <= 1:
-        return NORMAL, f"{heavy_needed} heavy model(s) to load: every agent gets its tier"
+        return NORMAL, f"{heavy_needed} heavy tier(s) asked for: every agent gets its tier"
     if free_mb > 2 * threshold_mb:
         return NORMAL, (
             f"{free_mb:.0f} MB free > 2 x threshold ({2 * threshold_mb:.0f} MB): "
@@ -114,13 +114,10 @@ class SwarmMemoryPolicy:
         self.settings, self.placement, self.manager = settings, placement, manager
 
     def heavy_needed(self, agents: Sequence[Agent]) -> int:
-        """Distinct heavy tiers the agents ask for that are not resident (a resident
-        model needs no new memory)."""
-        return len({a.model for a in agents if a.model in HEAVY_TIERS and not self._resident(a)})
-
-    def _resident(self, agent: Agent) -> bool:
-        tier = self.manager.tiers.get(agent.model)
-        return tier is not None and tier.model is not None and tier.model.worker.alive
+        """Distinct heavy tiers the agents ask for, loaded or not: the heavy slot holds
+        one, so two of them swap in it whatever is loaded now (which one is loaded
+        decides only the order the runner takes them in)."""
+        return len({a.model for a in agents if a.model in HEAVY_TIERS})
 
     async def assess(self, agents: Sequence[Agent]) -> PolicyDecision:
         view = await self.placement.view()  # the very figures the gate decides on

@@ -76,7 +76,8 @@ def resident() -> Any:
         (12000, 2001, ["medium", "deep"], [], TIME_SLICE),  # the ledger's holdings count
         (12000, 7001, ["medium", "deep"], [], DEGRADED),
         (4999, 0, ["fast", "medium", "fast"], [], NORMAL),  # one heavy tier
-        (4999, 0, ["medium", "deep"], ["deep"], NORMAL),  # deep resident: one to load
+        (4999, 0, ["medium", "deep"], ["deep"], DEGRADED),  # two heavy tiers, one loaded
+        (4999, 0, ["deep", "deep"], ["deep"], NORMAL),  # one heavy tier: no swap
         (4999, 0, ["fast", "medium", "deep"], ["fast"], DEGRADED),  # fast is not heavy
     ],
 )
