@@ -123,8 +123,12 @@ async def _memory_snapshots(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     state = app.state
+    mem = settings.memory
     state.probe = state.probe_override or MemoryProbe(
-        timeout_s=settings.memory.probe_timeout_s, vram_budget_mb=settings.memory.vram_budget_mb
+        timeout_s=mem.probe_timeout_s,
+        vram_budget_mb=mem.vram_budget_mb,
+        backoff_s=mem.probe_backoff_s,
+        backoff_max_s=mem.probe_backoff_max_s,
     )
     state.ledger = MemoryLedger(
         reserve_vram_mb=settings.memory.reserve_vram_mb,

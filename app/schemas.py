@@ -57,6 +57,23 @@ class GpuInfo(BaseModel):
     budget_mb: float | None = Field(None, description="memory.vram_budget_mb when set.")
 
 
+class StepReportInfo(BaseModel):
+    ok: bool | None = Field(description="null: not tried.")
+    reason: str
+    ms: float
+    permanent: bool = Field(description="A failure remembered for good (no NVML, no CUDA).")
+    backed_off: bool = Field(description="Skipped by snapshots until a background retry works.")
+    backed_off_until: float | None = Field(description="Unix time of the next retry.")
+    backoff_s: float
+    failures: int = Field(description="Failures in a row.")
+    last_reason: str
+
+
+class ProbeReportInfo(BaseModel):
+    answered: str = Field(description="The step that answered the last snapshot.")
+    steps: dict[str, StepReportInfo] = Field(description="nvml, torch, nvidia-smi.")
+
+
 class DeviceBudgetInfo(BaseModel):
     device: str = Field(description="`cuda:<index>` or `cpu`.", examples=["cuda:0"])
     capacity_mb: float
@@ -214,6 +231,9 @@ class SystemMemory(BaseModel):
     )
     timestamp: float = Field(description="Unix time of the snapshot.")
     probe_ms: float = Field(description="How long the probe took.")
+    probe: ProbeReportInfo = Field(
+        description="What each step of the probe ladder said; a backed-off step says why."
+    )
     device: DeviceBudgetInfo = Field(description="The figures the gate and loader decide on.")
     worker_overhead: WorkerOverheadInfo = Field(
         description="What an LLM worker costs on the device beyond its GGUF estimate."

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-from services.memory.probe import MemoryProbe, MemorySnapshot, ProbeReport
+from services.memory.probe import MemoryProbe, MemorySnapshot, ProbeReport, StepReport
 from services.settings import Settings
 
 
@@ -59,13 +60,28 @@ def _llama_info() -> LlamaCppInfo:
 def diagnose(settings: Settings | None = None) -> DoctorReport:
     settings = settings or Settings()
     probe = MemoryProbe(
-        timeout_s=settings.memory.probe_timeout_s, vram_budget_mb=settings.memory.vram_budget_mb
+        timeout_s=settings.memory.probe_timeout_s,
+        vram_budget_mb=settings.memory.vram_budget_mb,
+        backoff_s=settings.memory.probe_backoff_s,
+        backoff_max_s=settings.memory.probe_backoff_max_s,
     )
     try:
         snap = probe.snapshot()
     finally:
         probe.shutdown()
     return DoctorReport(snap, probe.report, _torch_info(), _llama_info())
+
+
+def _backoff_line(step: StepReport) -> str:
+    """Why a step is skipped by snapshots, and when the background retries it."""
+    when = "now"
+    if step.backed_off_until is not None:
+        when = time.strftime("%H:%M:%S", time.localtime(step.backed_off_until))
+    failures = f"{step.failures} failure{'s' if step.failures != 1 else ''} in a row"
+    return (
+        f"backed off ({failures}, back-off {step.backoff_s:g} s): skipped by snapshots, "
+        f"retried in the background at {when}; last failure: {step.last_reason}"
+    )
 
 
 def format_report(report: DoctorReport) -> str:
@@ -81,7 +97,10 @@ def format_report(report: DoctorReport) -> str:
     lines.append("Probe ladder:")
     for name, step in report.probe.steps.items():
         state = {True: "answered", False: "failed", None: "not tried"}[step.ok]
-        lines.append(f"  {name:<11} {state:<9} {step.ms:7.1f} ms  {step.reason}")
+        permanent = " (permanent: not retried)" if step.permanent else ""
+        lines.append(f"  {name:<11} {state:<9} {step.ms:7.1f} ms  {step.reason}{permanent}")
+        if step.backed_off:
+            lines.append(f"  {'':<11} {_backoff_line(step)}")
     t = report.torch
     if t.installed:
         lines.append(

@@ -101,6 +101,13 @@ class MemorySettings(_Section):
     probe_backoff_max_s: float = Field(
         300.0, gt=0, le=86400, description="Longest a failing probe step is skipped."
     )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MemorySettings:
+        if self.probe_backoff_max_s < self.probe_backoff_s:
+            raise ValueError("probe_backoff_max_s must be at least probe_backoff_s")
+        return self
+
     learn_after: int = Field(
         3,
         ge=1,

@@ -145,11 +145,15 @@ class FakeGpuProbe:
             ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, gpus, "fake", time.time()
         )
 
+    @property
+    def report(self):  # noqa: ANN201 - the real probe's report: RAM is this machine's
+        return self._real.report
+
     def process_vram_mb(self, pids):  # noqa: ANN001, ANN201
         return None
 
     def shutdown(self) -> None:
-        pass
+        self._real.shutdown()
 
 
 def placement_for(settings: Any, probe: Any, *, reserve_vram_mb: float = 1024) -> Any:

@@ -4,143 +4,91 @@ No GPU is a normal state (``vram_source == "none"``), never an error. Each step 
 bounded in time; the step that answered is tried first next time, and why each
 earlier step failed is kept for ``edison doctor``.
 
+A step that times out or fails is backed off: snapshots skip it (``backoff_s``, doubled
+at each new failure up to ``backoff_max_s``) while a daemon thread retries it. A failure
+that cannot heal in a running process (no NVML, no CUDA device) is remembered for good
+instead (``ProbeStepUnavailable``) and never retried.
+
 Blocking: every method here may block (a hung driver, a slow nvidia-smi). Async code
 calls them through ``anyio.to_thread.run_sync``.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
 
 import psutil
 
-MB = 1024 * 1024
+from services.memory.snapshot import (
+    MB,
+    GpuMemory,
+    MemorySnapshot,
+    ProbeReport,
+    ProbeStepFailed,
+    ProbeStepUnavailable,
+    StepReport,
+    _apply_budget,
+    _bounded,
+    _StepState,
+    parse_nvidia_smi,
+    rss_mb,
+)
+
+__all__ = [
+    "GpuMemory",
+    "MemoryProbe",
+    "MemorySnapshot",
+    "ProbeReport",
+    "ProbeStepFailed",
+    "ProbeStepUnavailable",
+    "StepReport",
+    "_apply_budget",
+    "parse_nvidia_smi",
+    "rss_mb",
+]
+
 STEPS = ("nvml", "torch", "nvidia-smi")
 SMI_QUERY = [
     "--query-gpu=index,name,memory.total,memory.used,memory.free",
     "--format=csv,noheader,nounits",
 ]
-T = TypeVar("T")
-
-
-class ProbeStepFailed(Exception):
-    """One rung of the probe ladder could not answer; the message says why."""
-
-
-@dataclass(frozen=True)
-class GpuMemory:
-    index: int
-    name: str
-    total_mb: float
-    used_mb: float
-    free_mb: float
-    budget_mb: float | None = None
-
-
-@dataclass(frozen=True)
-class MemorySnapshot:
-    ram_total_mb: float
-    ram_available_mb: float
-    ram_used_mb: float
-    gpus: tuple[GpuMemory, ...]
-    vram_source: str
-    timestamp: float
-    probe_ms: float = 0.0
-
-    def gpu(self, index: int) -> GpuMemory | None:
-        """The GPU with this index, or None when it is absent."""
-        return next((g for g in self.gpus if g.index == index), None)
-
-
-@dataclass
-class StepReport:
-    """What one step of the ladder did the last time it ran."""
-
-    ok: bool | None = None  # None: not tried
-    reason: str = ""
-    ms: float = 0.0
-
-
-@dataclass
-class ProbeReport:
-    answered: str
-    steps: dict[str, StepReport] = field(default_factory=dict)
-
-
-def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
-    """Run fn in a daemon thread and give up after timeout_s (the thread is left behind)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name=f"probe-{what}", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise ProbeStepFailed(f"{what} did not answer within {timeout_s:g} s")
-    if "error" in box:
-        err = box["error"]
-        if isinstance(err, ProbeStepFailed):
-            raise err
-        raise ProbeStepFailed(f"{type(err).__name__}: {err}") from err
-    return box["value"]
-
-
-def _apply_budget(gpus: Iterable[GpuMemory], budget_mb: float | None) -> tuple[GpuMemory, ...]:
-    """Treat each card as if it had budget_mb: total capped, free never above budget - used."""
-    if budget_mb is None:
-        return tuple(gpus)
-    out = []
-    for g in gpus:
-        total = min(g.total_mb, budget_mb)
-        free = max(0.0, min(g.free_mb, total - g.used_mb))
-        out.append(GpuMemory(g.index, g.name, total, g.used_mb, free, budget_mb))
-    return tuple(out)
-
-
-def parse_nvidia_smi(text: str) -> list[GpuMemory]:
-    """Parse `nvidia-smi --query-gpu=index,name,memory.total,memory.used,memory.free` CSV."""
-    gpus = []
-    for line in text.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5:
-            raise ProbeStepFailed(f"nvidia-smi printed an unexpected line: {line[:80]!r}")
-        try:
-            index, total, used, free = int(parts[0]), *(float(p) for p in parts[2:])
-        except ValueError as exc:
-            raise ProbeStepFailed(f"nvidia-smi printed an unexpected line: {line[:80]!r}") from exc
-        if min(total, used, free) < 0 or total <= 0:
-            raise ProbeStepFailed(f"nvidia-smi printed impossible figures: {line[:80]!r}")
-        gpus.append(GpuMemory(index, parts[1], total, used, free))
-    if not gpus:
-        raise ProbeStepFailed("nvidia-smi printed no GPU")
-    return gpus
 
 
 class MemoryProbe:
     """Takes memory snapshots. One per app; thread-safe."""
 
-    def __init__(self, *, timeout_s: float = 2.0, vram_budget_mb: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 2.0,
+        vram_budget_mb: float | None = None,
+        backoff_s: float = 5.0,
+        backoff_max_s: float = 300.0,
+    ) -> None:
         self.timeout_s = timeout_s
         self.vram_budget_mb = vram_budget_mb
-        # Why: the ladder state (which step answered, NVML handle) is shared by the
-        # threads that probe concurrently; the lock keeps one consistent view of it.
+        self.backoff_s = backoff_s
+        self.backoff_max_s = max(backoff_max_s, backoff_s)
+        # Why: the NVML handle is shared by the threads that probe concurrently; the lock
+        # is held across nvmlInit so that it runs once.
         self._lock = threading.Lock()
         self._nvml: Any = None  # the pynvml module once nvmlInit succeeded
         self._nvml_error: str | None = None
         self._torch_error: str | None = None
+        # Why a second lock: the ladder's state (which step answered, each step's
+        # back-off, the report) is read by every snapshot, and is never held across a
+        # step, so a snapshot that finds a step backed off never waits on a hung one.
+        self._state_lock = threading.Lock()
         self._preferred: str | None = None
+        self._state = {s: _StepState() for s in STEPS}
+        self._closed = False
+        self._stop = threading.Event()
         self.report = ProbeReport(answered="none", steps={s: StepReport() for s in STEPS})
 
     # ---- ladder steps -------------------------------------------------------------
@@ -150,7 +98,7 @@ class MemoryProbe:
             if self._nvml is not None:
                 return self._nvml
             if self._nvml_error is not None:
-                raise ProbeStepFailed(self._nvml_error)
+                raise ProbeStepUnavailable(self._nvml_error)
             try:
                 import pynvml
 
@@ -160,7 +108,7 @@ class MemoryProbe:
             except ProbeStepFailed as exc:
                 self._nvml_error = str(exc)
             if self._nvml_error is not None:
-                raise ProbeStepFailed(self._nvml_error)
+                raise ProbeStepUnavailable(self._nvml_error)
             self._nvml = pynvml
             return pynvml
 
@@ -181,19 +129,19 @@ class MemoryProbe:
 
     def _probe_torch(self) -> list[GpuMemory]:
         if self._torch_error is not None:
-            raise ProbeStepFailed(self._torch_error)
+            raise ProbeStepUnavailable(self._torch_error)
         try:
             # Not bounded: a slow first import (seconds) is not a hung driver.
             import torch
         except ImportError as exc:
             self._torch_error = f"torch not installed ({exc})"
-            raise ProbeStepFailed(self._torch_error) from exc
+            raise ProbeStepUnavailable(self._torch_error) from exc
 
         def query() -> list[GpuMemory]:
             if not torch.cuda.is_available():
                 # Why remembered: CUDA does not appear later in a running process.
                 self._torch_error = f"torch {torch.__version__} sees no CUDA device"
-                raise ProbeStepFailed(self._torch_error)
+                raise ProbeStepUnavailable(self._torch_error)
             gpus = []
             for i in range(torch.cuda.device_count()):
                 free, total = torch.cuda.mem_get_info(i)
@@ -224,35 +172,120 @@ class MemoryProbe:
             raise ProbeStepFailed(f"nvidia-smi exited with status {out.returncode}: {tail[0]}")
         return parse_nvidia_smi(out.stdout)
 
-    # ---- public API ---------------------------------------------------------------
-    def probe_vram(self) -> tuple[str, list[GpuMemory]]:
-        """Walk the ladder, preferred step first; ("none", []) when no step answers."""
-        steps = {
-            "nvml": self._probe_nvml,
-            "torch": self._probe_torch,
-            "nvidia-smi": self._probe_smi,
-        }
-        order = list(STEPS)
-        if self._preferred in order:
-            order.remove(self._preferred)
-            order.insert(0, self._preferred)
-        reports = {s: StepReport() for s in STEPS}
-        for name in order:
+    def _run_step(self, name: str) -> list[GpuMemory]:
+        method = {"nvml": "_probe_nvml", "torch": "_probe_torch", "nvidia-smi": "_probe_smi"}
+        return getattr(self, method[name])()
+
+    # ---- back-off -----------------------------------------------------------------
+    def _failed(self, name: str, exc: ProbeStepFailed, *, retry: bool) -> None:
+        """Record a failure: permanent, or back off (doubling) and make sure a retrier runs."""
+        with self._state_lock:
+            st = self._state[name]
+            st.last_reason = str(exc)
+            if isinstance(exc, ProbeStepUnavailable):
+                st.clear()
+                st.permanent = True
+                return
+            # After shutdown nothing retries, so nothing is skipped. A caller failing while
+            # the step is backed off started before the back-off: not a new failure.
+            if self._closed or (st.failures and not retry):
+                return
+            st.backoff_s = (
+                self.backoff_s if st.failures == 0 else min(st.backoff_s * 2, self.backoff_max_s)
+            )
+            st.failures += 1
+            st.due = time.monotonic() + st.backoff_s
+            st.until = time.time() + st.backoff_s
+            if not st.retrier:
+                st.retrier = True
+                threading.Thread(
+                    target=self._retry_loop, args=(name,), name=f"probe-retry-{name}", daemon=True
+                ).start()
+
+    def _succeeded(self, name: str) -> None:
+        with self._state_lock:
+            st = self._state[name]
+            st.clear()
+            st.last_reason, st.permanent = "", False
+
+    def _retry_loop(self, name: str) -> None:
+        """The one background retrier of a backed-off step; ends when it answers again."""
+        while True:
+            with self._state_lock:
+                st = self._state[name]
+                if self._closed or st.failures == 0:
+                    # Decided under the lock with retrier, so no back-off is left unowned.
+                    st.clear()
+                    st.retrier = False
+                    return
+                wait = st.due - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
             t0 = time.perf_counter()
             try:
-                gpus = steps[name]()
+                gpus = self._run_step(name)
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any failure
+                err = exc if isinstance(exc, ProbeStepFailed) else ProbeStepFailed(repr(exc))
+                self._failed(name, err, retry=True)
+                done = StepReport(False, f"background retry: {err}")
+            else:
+                self._succeeded(name)
+                done = StepReport(True, f"background retry: {len(gpus)} GPU(s)")
+            done.ms = (time.perf_counter() - t0) * 1000
+            with self._state_lock:
+                if not self._closed:
+                    steps = {**self.report.steps, name: self._with_state(done, name)}
+                    self.report = ProbeReport(self.report.answered, steps)
+
+    def _with_state(self, report: StepReport, name: str) -> StepReport:
+        """The step's report with its back-off fields; call under _state_lock."""
+        st = self._state[name]
+        return replace(
+            report,
+            permanent=st.permanent,
+            backed_off=st.failures > 0,
+            backed_off_until=st.until,
+            backoff_s=st.backoff_s,
+            failures=st.failures,
+            last_reason=st.last_reason,
+        )
+
+    # ---- public API ---------------------------------------------------------------
+    def probe_vram(self) -> tuple[str, list[GpuMemory]]:
+        """Walk the ladder, preferred step first, backed-off steps skipped; ("none", []) when
+        no step answers."""
+        with self._state_lock:
+            order = list(STEPS)
+            if self._preferred in order:
+                order.remove(self._preferred)
+                order.insert(0, self._preferred)
+        reports = {s: StepReport() for s in STEPS}
+        answered, gpus = "none", []
+        for name in order:
+            with self._state_lock:
+                st = self._state[name]
+                if st.failures:
+                    reports[name] = StepReport(False, f"skipped while backed off: {st.last_reason}")
+                    continue
+            t0 = time.perf_counter()
+            try:
+                gpus = self._run_step(name)
             except ProbeStepFailed as exc:
                 reports[name] = StepReport(False, str(exc), (time.perf_counter() - t0) * 1000)
+                self._failed(name, exc, retry=False)
                 continue
             reports[name] = StepReport(
                 True, f"{len(gpus)} GPU(s)", (time.perf_counter() - t0) * 1000
             )
-            self._preferred = name
-            self.report = ProbeReport(answered=name, steps=reports)
-            return name, gpus
-        self._preferred = None
-        self.report = ProbeReport(answered="none", steps=reports)
-        return "none", []
+            self._succeeded(name)
+            answered = name
+            break
+        with self._state_lock:
+            self._preferred = None if answered == "none" else answered
+            steps = {s: self._with_state(reports[s], s) for s in STEPS}
+            self.report = ProbeReport(answered=answered, steps=steps)
+        return answered, gpus
 
     def snapshot(self) -> MemorySnapshot:
         """RAM and VRAM now. Blocking: call from a thread in async code."""
@@ -304,6 +337,10 @@ class MemoryProbe:
             return None
 
     def shutdown(self) -> None:
+        """Stop the background retries (later snapshots walk the whole ladder); release NVML."""
+        with self._state_lock:
+            self._closed = True
+        self._stop.set()
         with self._lock:
             if self._nvml is not None:
                 try:
@@ -311,13 +348,3 @@ class MemoryProbe:
                 except Exception:  # noqa: BLE001 - best effort at exit
                     pass
                 self._nvml = None
-
-
-def rss_mb(pid: int | None = None) -> float | None:
-    """Resident memory of a process and its children, in MB; None if it is gone."""
-    try:
-        p = psutil.Process(pid or os.getpid())
-        procs = [p, *p.children(recursive=True)]
-        return sum(q.memory_info().rss for q in procs) / MB
-    except psutil.Error:
-        return None

@@ -13,7 +13,7 @@ from services.memory.gate import GateState
 from services.memory.learning import WorkerOverheadView
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import Placement
-from services.memory.probe import GpuMemory
+from services.memory.snapshot import GpuMemory, ProbeReport
 
 if TYPE_CHECKING:
     from services.generation.jobs import JobService
@@ -31,6 +31,7 @@ class MemoryReport:
     vram_source: str
     timestamp: float
     probe_ms: float
+    probe: ProbeReport  # what each step of the ladder said; a backed-off step says why
     device: DeviceBudget  # the figures the gate, the loader and the swarm decide on
     worker_overhead: WorkerOverheadView  # what an LLM worker costs here beyond its estimate
     reservations: list[Reservation]
@@ -59,6 +60,7 @@ async def memory_report(
         vram_source=snap.vram_source,
         timestamp=snap.timestamp,
         probe_ms=snap.probe_ms,
+        probe=placement.probe.report,
         device=view.budget,
         worker_overhead=placement.worker_overhead(view.device),
         reservations=placement.ledger.entries(),

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 import app.main as app_main
@@ -208,3 +209,27 @@ def test_retry_after_on_a_full_queue_follows_the_measured_runs(
             lambda: client.get(f"/jobs/{running}").json()["status"] == "succeeded",
             what="the held job done",
         )
+
+
+def test_system_memory_says_a_probe_step_is_backed_off_and_why(
+    make_settings, tmp_path: Path, monkeypatch
+) -> None:
+    """A failing nvidia-smi (a stand-in program: no GPU here) is skipped by later snapshots
+    and /system/memory says so; NVML and torch.cuda fail for good on this machine."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    smi = folder / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    backoff = {"probe_backoff_s": 600, "probe_backoff_max_s": 600}
+    with TestClient(create_app(make_settings(memory=backoff))) as client:
+        wait_ready(client)
+        steps = client.get("/system/memory").json()["probe"]["steps"]
+    if steps["nvml"]["ok"] or steps["torch"]["ok"]:
+        pytest.skip("this machine has a GPU")
+    smi_step = steps["nvidia-smi"]
+    assert smi_step["backed_off"] is True and smi_step["failures"] >= 1
+    assert "status 9" in smi_step["last_reason"]
+    assert smi_step["backed_off_until"] > time.time() + 60
+    assert steps["nvml"]["permanent"] is True
