@@ -2,23 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.deps import ChatDep
+from services.llm.chat import ChatRouting
+from services.llm.chat_checks import (
+    FLOAT_BOUNDS,
+    INT_BOUNDS,
+    LOGIT_BIAS_BOUNDS,
+    MAX_STOP,
+)
 
 router = APIRouter(tags=["chat"])
+_Bias = Annotated[
+    float,
+    Field(strict=True, ge=LOGIT_BIAS_BOUNDS[0], le=LOGIT_BIAS_BOUNDS[1], allow_inf_nan=False),
+]
+
+
+def _number(name: str, description: str) -> Any:
+    """A nullable number with the bounds services/llm/chat_checks.py enforces: strict
+    (no strings or booleans), finite."""
+    lo, hi = FLOAT_BOUNDS[name]
+    return Field(None, ge=lo, le=hi, strict=True, allow_inf_nan=False, description=description)
+
+
+def _integer(name: str, description: str) -> Any:
+    lo, hi = INT_BOUNDS[name]
+    return Field(None, ge=lo, le=hi, strict=True, description=description)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = Field(
-        description="Text, or OpenAI content parts (`text`, `image_url`)."
+    role: Literal["system", "user", "assistant", "tool", "developer"] = Field(
+        description="`developer` (OpenAI's newer name) is sent to the worker as `system`."
     )
+    content: str | list[dict[str, Any]] | None = Field(
+        None,
+        description="Text, or OpenAI content parts: `text` and `image_url` for a user; "
+        "`text` parts of other roles are joined. Null only on an assistant message with "
+        "`tool_calls`.",
+    )
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None,
+        description="An assistant's calls: `{id, type: function, function: {name, arguments}}`.",
+    )
+    tool_call_id: str | None = Field(
+        None, description="Required on a `tool` message: the call it answers."
+    )
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="`json_schema` is sent to the worker as `json_object` with its schema."
+    )
+    json_schema: dict[str, Any] | None = Field(None, description="`{name, schema}`.")
 
 
 class EdisonRouting(BaseModel):
@@ -30,10 +74,16 @@ class EdisonRouting(BaseModel):
     fallback_reason: str | None = Field(
         None, description="Why another tier answered than the one asked for."
     )
+    max_tokens_clamped_to: int | None = Field(
+        None,
+        description="The `max_tokens` sent to the worker when Edison lowered the request's "
+        "(or set it, when none was given) to what the context leaves after the prompt.",
+    )
 
 
 class ChatRequest(BaseModel):
-    """OpenAI chat request; other OpenAI fields (temperature, stop, ...) pass through."""
+    """OpenAI chat request. Sampling parameters are checked against OpenAI's bounds;
+    other fields pass through to the llama.cpp worker."""
 
     model_config = ConfigDict(
         extra="allow",
@@ -51,15 +101,65 @@ class ChatRequest(BaseModel):
         "auto", description="A tier (fast, medium, deep, reasoning, vision) or auto."
     )
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    stream: bool = Field(False, strict=True, description="A JSON boolean (not 0 or 1).")
+    max_tokens: int | None = _integer(
+        "max_tokens", "Lowered to what the context leaves after the prompt (see `edison`)."
+    )
+    max_completion_tokens: int | None = _integer(
+        "max_completion_tokens", "OpenAI's newer name for `max_tokens`."
+    )
+    temperature: float | None = _number("temperature", "Sampling temperature.")
+    top_p: float | None = _number("top_p", "Nucleus sampling mass.")
+    presence_penalty: float | None = _number("presence_penalty", "Penalty for tokens seen.")
+    frequency_penalty: float | None = _number("frequency_penalty", "Penalty per occurrence.")
+    n: int | None = _integer("n", "Choices to return: the llama.cpp workers return one.")
+    seed: int | None = _integer("seed", "Sampling seed.")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = Field(
+        None, description=f"A stop sequence, or a list of at most {MAX_STOP}."
+    )
+    logit_bias: dict[str, _Bias] | None = Field(
+        None, description="Token id (a string of digits) to a bias."
+    )
+    logprobs: bool | None = Field(None, strict=True)
+    top_logprobs: int | None = _integer("top_logprobs", "Most likely tokens per position.")
+    response_format: ResponseFormat | None = None
+    top_k: int | None = _integer("top_k", "llama.cpp: sample from the k most likely tokens.")
+    min_p: float | None = _number("min_p", "llama.cpp: minimum probability, relative.")
+    repeat_penalty: float | None = _number("repeat_penalty", "llama.cpp: repetition penalty.")
+    min_tokens: int | None = _integer("min_tokens", "llama.cpp: tokens before a stop.")
+    mirostat_mode: int | None = _integer("mirostat_mode", "llama.cpp: 0 off, 1 or 2.")
+    mirostat_tau: float | None = _number("mirostat_tau", "llama.cpp: Mirostat target.")
+    mirostat_eta: float | None = _number("mirostat_eta", "llama.cpp: Mirostat rate.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError(f"must be a string or a list of at most {MAX_STOP} strings")
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences ({len(v)} given)")
+        return v
 
 
 @router.post(
     "/v1/chat/completions",
     summary="Chat completion, streaming or not; says which tier answered",
     description="The `edison` field of the body and the `X-Edison-Tier` header name the tier "
-    "that answered, and why when it is not the one asked for.",
+    "that answered, and why when it is not the one asked for; `X-Edison-Max-Tokens` (and "
+    "`edison.max_tokens_clamped_to`) the `max_tokens` sent when Edison lowered it to what "
+    "the context leaves after the prompt.",
+    responses={
+        200: {
+            "description": "An OpenAI chat completion, or with `stream: true` its chunks as "
+            "server-sent events (`data: {...}`, then `data: [DONE]`).",
+            "content": {
+                "application/json": {},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+    },
 )
 async def chat_completions(req: ChatRequest, chat: ChatDep) -> Any:
     body = req.model_dump(exclude_unset=True, exclude_none=True)
@@ -69,9 +169,16 @@ async def chat_completions(req: ChatRequest, chat: ChatDep) -> Any:
         return StreamingResponse(
             opened.chunks,
             media_type="text/event-stream",
-            headers={"X-Edison-Tier": opened.routing.tier, "Cache-Control": "no-cache"},
+            headers={**_headers(opened.routing), "Cache-Control": "no-cache"},
         )
     done = await chat.complete(body)
     edison = EdisonRouting.model_validate(done.routing, from_attributes=True)
     data = {**done.body, "edison": edison.model_dump(exclude_none=True)}
-    return JSONResponse(data, headers={"X-Edison-Tier": done.routing.tier})
+    return JSONResponse(data, headers=_headers(done.routing))
+
+
+def _headers(routing: ChatRouting) -> dict[str, str]:
+    out = {"X-Edison-Tier": routing.tier}
+    if routing.max_tokens_clamped_to is not None:
+        out["X-Edison-Max-Tokens"] = str(routing.max_tokens_clamped_to)
+    return out

@@ -1,7 +1,12 @@
 """OpenAI-compatible chat, proxied to the worker of the tier that answers.
 
+Before a worker sees a request, ``chat_checks`` normalizes it to what the worker takes
+(422 naming the field otherwise) and ``max_tokens`` is clamped to what the context leaves
+after the prompt, counted by the worker's own tokenizer when its length does not decide.
 Streaming responses are passed through chunk by chunk as the worker sends them,
 never buffered whole; closing the client's stream closes the upstream request.
+A worker's error reaches the client and the log as one capped line: worker messages
+can quote the whole request.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +22,7 @@ from typing import Any
 import httpx
 
 from services.errors import ContextLengthExceeded, UpstreamError, UpstreamRejected
+from services.llm.chat_checks import Fit, fit, fit_from_length, prepare_request, prompt_text
 from services.llm.manager import ModelManager
 from services.llm.records import Resolution
 
@@ -66,6 +73,9 @@ class ChatRouting:
     requested: str
     route: str
     fallback_reason: str | None = None
+    # max_tokens as sent when Edison lowered the request's to what the context leaves
+    # after the prompt (or set it, when the request gave none); None: sent as asked.
+    max_tokens_clamped_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,47 @@ class ChatStream:
 
     routing: ChatRouting
     chunks: AsyncIterator[bytes] = field(repr=False)
+
+
+# Error text from a worker that reaches a client or a log: one line, this long at most
+# (a worker's message can quote the whole request).
+MAX_ERROR_CHARS = 240
+_PYDANTIC_ERR = re.compile(r"'loc': \(([^)]*)\), 'msg': ('([^']*)'|\"([^\"]*)\")")
+
+
+def one_line(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """The first non-empty line of ``text``, at most ``limit`` characters."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def validation_summary(text: str, limit: int = MAX_ERROR_CHARS) -> str | None:
+    """``field: message`` of a worker's request-validation error (its pydantic
+    ``N validation errors:`` text), never the inputs it quotes; None for other text."""
+    if not re.match(r"^\d+ validation errors?:", text.strip()):
+        return None
+    seen: list[str] = []
+    for loc, _, single, double in _PYDANTIC_ERR.findall(text):
+        parts = [p.strip().strip("'\"") for p in loc.split(",") if p.strip()]
+        item = f"{'.'.join(p for p in parts if p != 'body')}: {single or double}"
+        if item not in seen:
+            seen.append(item)
+    if not seen:
+        return one_line(text, limit)
+    more = f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""
+    return one_line("; ".join(seen[:3]) + more, limit)
+
+
+def _detail_summary(detail: Any) -> str | None:
+    """``field: message`` of FastAPI's 422 ``detail`` list, without the quoted inputs."""
+    if not isinstance(detail, list) or not detail:
+        return None
+    items = []
+    for d in detail[:3]:
+        if isinstance(d, dict):
+            loc = ".".join(str(p) for p in d.get("loc", ()) if p != "body")
+            items.append(f"{loc}: {d.get('msg', 'invalid')}")
+    return one_line("; ".join(items), MAX_ERROR_CHARS) or None
 
 
 def choose_tier(model: str | None, images: bool) -> Route:
@@ -124,59 +175,110 @@ class ChatProxy:
             out["messages"] = strip_images(body["messages"])
         return out
 
+    async def _fit(self, body: dict[str, Any], res: Resolution) -> tuple[dict[str, Any], Fit]:
+        """The body for the worker of ``res`` with ``max_tokens`` clamped to what its
+        context leaves after the prompt; ContextLengthExceeded when nothing is left.
+        The worker's tokenizer counts the prompt unless its length alone decides."""
+        out = self._prepare(body, res)
+        prompt = prompt_text(out)
+        requested = out.get("max_tokens")
+        n_ctx = res.model.n_ctx
+        done = fit_from_length(prompt, requested, n_ctx, tier=res.tier)
+        if done is None:
+            tokens = await self._count_tokens(prompt.text, res)
+            done = fit(tokens, prompt.template_tokens, requested, n_ctx, tier=res.tier)
+        out["max_tokens"] = done.max_tokens
+        return out, done
+
+    async def _count_tokens(self, text: str, res: Resolution) -> int:
+        """Tokens of ``text`` by the worker's own tokenizer (llama_cpp.server's
+        ``POST /extras/tokenize/count``, ``{"input": text}``; BOS included)."""
+        try:
+            r = await self.client.post(
+                f"{res.model.base_url}/extras/tokenize/count", json={"input": text}
+            )
+        except httpx.HTTPError as exc:
+            raise self._broke_off(res, exc) from exc
+        await self._raise_for_upstream(r, res)
+        return int(r.json()["count"])
+
     @staticmethod
-    def _routing(route: Route, res: Resolution) -> ChatRouting:
-        return ChatRouting(res.tier, route.requested, route.reason, res.fallback_reason)
+    def _broke_off(res: Resolution, exc: Exception) -> UpstreamError:
+        return UpstreamError(
+            f"The {res.tier} worker broke off the request ({type(exc).__name__}); "
+            "it will be loaded again on the next request",
+            tier=res.tier,
+        )
+
+    @staticmethod
+    def _routing(route: Route, res: Resolution, done: Fit) -> ChatRouting:
+        return ChatRouting(
+            res.tier, route.requested, route.reason, res.fallback_reason, done.clamped_to
+        )
 
     async def _raise_for_upstream(self, r: httpx.Response, res: Resolution) -> None:
+        """Turn a worker's error answer into a typed error whose message is one line
+        of at most MAX_ERROR_CHARS: worker messages can quote the whole request."""
         if r.status_code < 400:
             return
-        raw = await r.aread()
+        raw = (await r.aread()).decode(errors="replace")
         try:
-            err = json.loads(raw).get("error", {})
-        except (ValueError, AttributeError):
-            err = {}
+            parsed = json.loads(raw)
+        except ValueError:
+            parsed = {}
+        err = parsed.get("error", {}) if isinstance(parsed, dict) else {}
         if not isinstance(err, dict):
             err = {"message": str(err)}
-        message = err.get("message") or raw.decode(errors="replace")[:500]
+        text = str(err.get("message") or "")
+        # Prompt text stays below INFO; the full message is for debugging only.
+        log.debug("the %s worker answered %d: %.4000s", res.tier, r.status_code, text or raw)
         if err.get("code") == "context_length_exceeded":
             raise ContextLengthExceeded(
-                message, tier=res.tier, n_ctx=res.model.n_ctx, param=err.get("param")
+                one_line(text), tier=res.tier, n_ctx=res.model.n_ctx, param=err.get("param")
             )
-        if 400 <= r.status_code < 500:
-            raise UpstreamRejected(message, tier=res.tier, upstream_status=r.status_code)
+        detail = parsed.get("detail") if isinstance(parsed, dict) else None
+        # The worker's own request validation: FastAPI's 422 detail, or a pydantic
+        # ValidationError its route handler answers as a 500. Both are a refusal.
+        refused = validation_summary(text) or _detail_summary(detail)
+        if refused is not None or 400 <= r.status_code < 500:
+            cause = refused or one_line(text) or f"HTTP {r.status_code}"
+            log.info("the %s worker refused a request (%d): %s", res.tier, r.status_code, cause)
+            raise UpstreamRejected(
+                f"The {res.tier} worker refused the request: {cause}",
+                tier=res.tier,
+                upstream_status=r.status_code,
+            )
+        cause = one_line(text) or f"HTTP {r.status_code}"
         raise UpstreamError(
-            f"The {res.tier} worker failed: {message}", tier=res.tier, upstream_status=r.status_code
+            f"The {res.tier} worker failed: {cause}", tier=res.tier, upstream_status=r.status_code
         )
 
     async def complete(self, body: dict[str, Any]) -> ChatCompletion:
         """A non-streaming chat completion on the tier the request routes to."""
-        route = choose_tier(body.get("model"), has_images(body.get("messages", [])))
+        body = prepare_request(body)
+        route = choose_tier(body.get("model"), has_images(body["messages"]))
         async with self.manager.use(route.tier) as res:
-            data = await self._post(body, res)
-        return ChatCompletion(data, self._routing(route, res))
+            data, done = await self._post(body, res)
+        return ChatCompletion(data, self._routing(route, res, done))
 
     async def complete_on(self, res: Resolution, body: dict[str, Any]) -> ChatCompletion:
         """A non-streaming completion on a tier the caller already holds in use (the
         swarm holds one per group): no second resolution, no second load."""
+        body = prepare_request(body)
         route = Route(body.get("model") or res.requested, res.tier, "held by the caller")
-        return ChatCompletion(await self._post(body, res), self._routing(route, res))
+        data, done = await self._post(body, res)
+        return ChatCompletion(data, self._routing(route, res, done))
 
-    async def _post(self, body: dict[str, Any], res: Resolution) -> dict[str, Any]:
+    async def _post(self, body: dict[str, Any], res: Resolution) -> tuple[dict[str, Any], Fit]:
+        sent, done = await self._fit(body, res)
         try:
-            r = await self.client.post(
-                f"{res.model.base_url}/v1/chat/completions", json=self._prepare(body, res)
-            )
+            r = await self.client.post(f"{res.model.base_url}/v1/chat/completions", json=sent)
         except httpx.HTTPError as exc:
-            raise UpstreamError(
-                f"The {res.tier} worker broke off the request ({type(exc).__name__}); "
-                "it will be loaded again on the next request",
-                tier=res.tier,
-            ) from exc
+            raise self._broke_off(res, exc) from exc
         await self._raise_for_upstream(r, res)
         data = r.json()
         data["model"] = res.tier
-        return data
+        return data, done
 
     async def stream(self, body: dict[str, Any]) -> ChatStream:
         """Open a streaming completion.
@@ -184,20 +286,19 @@ class ChatProxy:
         Errors before the first byte raise here (so the caller can answer with a status);
         errors after it end the stream with an SSE error event.
         """
-        route = choose_tier(body.get("model"), has_images(body.get("messages", [])))
+        body = prepare_request(body)
+        route = choose_tier(body.get("model"), has_images(body["messages"]))
         use = self.manager.use(route.tier)
         res = await use.__aenter__()
         try:
+            sent, done = await self._fit(body, res)
             req = self.client.build_request(
-                "POST", f"{res.model.base_url}/v1/chat/completions", json=self._prepare(body, res)
+                "POST", f"{res.model.base_url}/v1/chat/completions", json=sent
             )
             try:
                 upstream = await self.client.send(req, stream=True)
             except httpx.HTTPError as exc:
-                raise UpstreamError(
-                    f"The {res.tier} worker broke off the request ({type(exc).__name__})",
-                    tier=res.tier,
-                ) from exc
+                raise self._broke_off(res, exc) from exc
             try:
                 await self._raise_for_upstream(upstream, res)
             except BaseException:
@@ -212,6 +313,7 @@ class ChatProxy:
                 async for chunk in upstream.aiter_raw():
                     yield chunk
             except httpx.HTTPError as exc:
+                log.warning("the %s worker broke off a stream (%s)", res.tier, type(exc).__name__)
                 err = {
                     "error": {
                         "code": "upstream_error",
@@ -227,4 +329,4 @@ class ChatProxy:
                 await upstream.aclose()
                 await use.__aexit__(None, None, None)
 
-        return ChatStream(self._routing(route, res), chunks())
+        return ChatStream(self._routing(route, res, done), chunks())

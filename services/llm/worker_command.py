@@ -124,6 +124,10 @@ def build_command(spec: WorkerSpec, port: int, python: str = sys.executable) -> 
         str(spec.n_ctx),
         "--use_mlock",
         "false",
+        # Queue a second request (a token count, another chat) behind a running one rather
+        # than cutting the running stream off, which is the server's default.
+        "--interrupt_requests",
+        "false",
     ]
     if spec.n_threads is not None:
         cmd += ["--n_threads", str(spec.n_threads)]

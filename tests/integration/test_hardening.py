@@ -105,6 +105,9 @@ def test_strict_types_and_the_configured_limits_in_the_schema(make_settings, tin
         assert "413" in doc["paths"]["/generate-image"]["post"]["responses"]
         assert "503" not in doc["paths"]["/health"]["get"]["responses"]
         assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+        assert {"application/json", "text/event-stream"} <= set(chat["200"]["content"])
+        assert {"400", "401", "404", "413", "422", "502", "503"} <= set(chat)
 
 
 def test_ready_waits_for_the_generation_stack_and_health_answers_meanwhile(

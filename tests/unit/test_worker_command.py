@@ -32,6 +32,7 @@ def test_command_line_and_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         "--n_gpu_layers": "-1",
         "--n_ctx": "4096",
         "--use_mlock": "false",
+        "--interrupt_requests": "false",
         "--n_threads": "4",
         "--chat_format": "llava-1-5",
         "--clip_model_path": str(tmp_path / "mmproj.gguf"),
