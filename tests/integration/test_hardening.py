@@ -236,3 +236,61 @@ def test_system_memory_says_a_probe_step_is_backed_off_and_why(
     assert "status 9" in smi_step["last_reason"]
     assert smi_step["backed_off_until"] > time.time() + 60
     assert steps["nvml"]["permanent"] is True
+
+
+def test_a_20_mb_chat_never_reaches_the_worker(make_settings, tiny_dir, live_server) -> None:
+    server = live_server(
+        create_app(
+            make_settings(models={"fast": {"path": str(tiny_dir / "fast.gguf"), "n_ctx": 256}})
+        )
+    )
+    wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=60)
+    worker = server.app.state.models.tiers["fast"].model
+    from services.memory.probe import rss_mb
+
+    before = rss_mb(worker.pid)
+    body = {"model": "fast", "messages": [{"role": "user", "content": "x" * (20 * 2**20)}]}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert abs(rss_mb(worker.pid) - before) < 5  # the worker saw nothing
+
+
+def test_an_oom_that_persists_answers_503_with_the_memory_measured_after(
+    make_settings, tiny_pipelines, monkeypatch
+) -> None:
+    """torch.cuda.OutOfMemoryError cannot happen on this CPU: the pipeline raises it on
+    every call, as a card too small would; the retry and the answer are real."""
+    import diffusers
+    import torch
+
+    def always_oom(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "__call__", always_oom)
+    settings = make_settings(
+        generation={"image": {"pipeline": str(tiny_pipelines["image"]), "required_ram_mb": 64}}
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        r = client.post("/generate-image", json={"prompt": "x", "width": 32, "height": 32})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_ram"  # the CPU's figure: RAM
+        assert isinstance(err["free_vram_mb"], float) and err["free_vram_mb"] > 0
+
+
+def test_library_progress_bars_and_warnings_stay_out_of_the_output(
+    make_settings, tiny_pipelines, capfd
+) -> None:
+    settings = make_settings(
+        server={"log_level": "info"},
+        generation={"music": {"pipeline": str(tiny_pipelines["music"]), "required_ram_mb": 64}},
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        capfd.readouterr()
+        r = client.post("/generate-music", json={"prompt": "x", "duration_s": 0.5, "steps": 1})
+        assert r.status_code == 200, r.text
+    out, err = capfd.readouterr()
+    for noise in ("Loading pipeline components", "it/s]", "FutureWarning", "weight_norm"):
+        assert noise not in out + err, noise
