@@ -282,6 +282,14 @@ class JobTimingsInfo(BaseModel):
     load: float | None = Field(None, description="Loading the pipeline, ms (0: it was loaded).")
     run: float | None = Field(None, description="Running the pipeline, ms.")
     total: float | None = Field(None, description="Request to done, ms.")
+    imports: float | None = Field(
+        None, description="Importing torch/diffusers inside this job's load, ms (null: before)."
+    )
+    warmup: float | None = Field(
+        None,
+        description="Set when this was the first run after a load: `run`, which then also "
+        "loaded the device's kernels, ms (preload does this at start-up instead).",
+    )
 
 
 class GenerationParamsInfo(BaseModel):

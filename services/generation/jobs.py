@@ -60,12 +60,16 @@ class JobOutput:
 
 @dataclass
 class JobTimings:
-    """Milliseconds: waiting for the gate, loading the pipeline, running it, in all."""
+    """Milliseconds: waiting for the gate, loading the pipeline, running it, in all; and,
+    when they happened inside this job, importing the generation stack (part of ``load``)
+    and a first run after a load (``run``, which then also loaded the device's kernels)."""
 
     queued: float | None = None
     load: float | None = None
     run: float | None = None
     total: float | None = None
+    imports: float | None = None
+    warmup: float | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,10 @@ class JobService:
             job.seed = result.seed
             job.timings_ms.load = round(result.load_ms, 1)
             job.timings_ms.run = round(result.run_ms, 1)
+            if result.import_ms > 0:
+                job.timings_ms.imports = round(result.import_ms, 1)
+            if result.first_run:
+                job.timings_ms.warmup = round(result.run_ms, 1)
             job.status = "succeeded"
             if job.size is not None and not result.used_savers:
                 # The run alone: a pipeline load happens once, not for every job in line.

@@ -43,3 +43,5 @@ class RunResult:
     run_ms: float
     used_savers: bool
     peak: PeakReading | None = None  # the call's measured memory on its device
+    import_ms: float = 0.0  # importing torch/diffusers inside this run's load (0: done before)
+    first_run: bool = False  # the first run after a load: it loads the device's kernels too

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -92,6 +93,8 @@ class PipelineHost:
         self.last_used_at = 0.0
         self.load_error: str | None = None
         self.loads = 0
+        self.runs_since_load = 0
+        self.import_ms = 0.0  # importing the generation stack inside the last load
         self.persisted_mb = 0.0  # what runs left allocated since the load (first-call init)
         self.weights_mb: float | None = None
         self.dtype: str | None = None
@@ -161,9 +164,11 @@ class PipelineHost:
             self._fail("no pipeline folder is configured")
         if not (folder / "model_index.json").is_file():
             self._fail(f"no diffusers pipeline at {folder} (model_index.json missing)")
+        t_import, fresh = time.perf_counter(), "diffusers" not in sys.modules
         import torch
         from diffusers import DiffusionPipeline
 
+        self.import_ms = (time.perf_counter() - t_import) * 1000 if fresh else 0.0
         start = time.perf_counter()
         dtype = getattr(torch, load_dtype(self.device))
         oom = None
@@ -189,6 +194,7 @@ class PipelineHost:
         self.load_error = None
         self.last_used_at = time.time()
         self.loads += 1
+        self.runs_since_load = 0
         self.weights_mb = _weights_mb(pipe)
         self.persisted_mb = 0.0
         self.dtype = str(dtype).removeprefix("torch.")
@@ -240,7 +246,9 @@ class PipelineHost:
         with self._lock:
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"{self.kind} generation cancelled before it started")
+            self.import_ms = 0.0
             load_ms = self._load_locked()
+            first_run = self.runs_since_load == 0
             pipe = self._pipe
             seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
             kwargs = self._call_kwargs(pipe, params, seed, on_step, should_cancel)
@@ -274,7 +282,17 @@ class PipelineHost:
             peak = meter.reading
             if peak is not None and peak.sane:
                 self.persisted_mb += peak.persisted_mb
-            return RunResult(outputs, seed, load_ms, run_ms, used_savers=savers, peak=peak)
+            self.runs_since_load += 1
+            return RunResult(
+                outputs,
+                seed,
+                load_ms,
+                run_ms,
+                used_savers=savers,
+                peak=peak,
+                import_ms=self.import_ms,
+                first_run=first_run,
+            )
 
     def _call_kwargs(
         self,

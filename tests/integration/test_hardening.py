@@ -144,7 +144,10 @@ def test_ready_waits_for_the_generation_stack_and_health_answers_meanwhile(
         assert host.loaded and host.loads == 1
         assert not any(settings.server.outputs_dir.glob("*"))  # the warm-up wrote nothing
         r = client.post("/generate-image", json={"prompt": "x", "width": 32, "height": 32})
-        assert r.status_code == 200 and r.json()["timings_ms"]["load"] == 0
+        timings = r.json()["timings_ms"]
+        assert r.status_code == 200 and timings["load"] == 0
+        # The warm-up took the first run's kernel loading and start-up the imports.
+        assert timings["warmup"] is None and timings["imports"] is None
 
 
 def test_edison_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
@@ -294,3 +297,17 @@ def test_library_progress_bars_and_warnings_stay_out_of_the_output(
     out, err = capfd.readouterr()
     for noise in ("Loading pipeline components", "it/s]", "FutureWarning", "weight_norm"):
         assert noise not in out + err, noise
+
+
+def test_a_job_that_pays_the_first_run_says_so(make_settings, tiny_pipelines) -> None:
+    settings = make_settings(
+        generation={"image": {"pipeline": str(tiny_pipelines["image"]), "required_ram_mb": 64}}
+    )
+    body = {"prompt": "x", "width": 32, "height": 32, "steps": 1}
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        first = client.post("/generate-image", json=body).json()["timings_ms"]
+        second = client.post("/generate-image", json=body).json()["timings_ms"]
+    assert first["load"] > 0 and first["warmup"] == first["run"]
+    assert second["load"] == 0 and second["warmup"] is None
+    assert first["imports"] is None  # start-up imported the stack before /ready
