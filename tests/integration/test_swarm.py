@@ -200,3 +200,20 @@ def test_bad_input_is_422_naming_the_field(make_settings, tiny_dir, change, fiel
         assert err["code"] == "invalid_request"
         assert [f["field"] for f in err["fields"]] == [field]
         assert app.state.models.loads_total() == 0
+
+
+def test_an_agent_whose_prompt_cannot_fit_fails_alone(make_settings, tiny_dir) -> None:
+    settings = make_settings(models=tiers(tiny_dir, "fast"))
+    body = swarm_body(("short", "fast"), ("long", "fast"))
+    body["agents"][1]["role"] = "a painter who " + "paints " * 140  # > 256 tokens of context
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/swarm", json=body)
+        assert r.status_code == 200, r.text
+        short, long = r.json()["responses"]
+        assert isinstance(short["content"], str) and short["error"] is None
+        assert long["content"] is None
+        assert long["error"]["code"] == "context_length_exceeded"
+        # Every agent failing fails the request with that error.
+        body["agents"][0]["role"] = body["agents"][1]["role"]
+        r = client.post("/swarm", json=body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
