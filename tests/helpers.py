@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -165,3 +168,14 @@ def placement_for(settings: Any, probe: Any, *, reserve_vram_mb: float = 1024) -
         reserve_vram_mb=reserve_vram_mb, reserve_ram_mb=settings.memory.reserve_ram_mb
     )
     return Placement(settings, probe, ledger)
+
+
+NO_GPU_HERE = shutil.which("nvidia-smi") is None and not Path("/dev/nvidiactl").exists()
+
+
+def fake_smi(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "nvidia-smi"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe

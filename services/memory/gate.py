@@ -21,13 +21,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
 from services.errors import InsufficientMemory, QueueFull, QueueTimeout
 from services.events import EventBus
+from services.memory.gate_records import GateDecision, GateState, HeavyTask, QueueEntry
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import (
     DeviceView,
@@ -37,6 +37,8 @@ from services.memory.placement import (
     task_need,
 )
 from services.settings import Settings
+
+__all__ = ["GateDecision", "GateState", "HeavyTask", "MemoryGate", "QueueEntry", "ceiling_mb"]
 
 if TYPE_CHECKING:
     from services.llm.manager import ModelManager
@@ -50,73 +52,12 @@ class IdlePipelines(Protocol):
     async def unload_idle(self, keep: str = "") -> list[str]: ...
 
 
-@dataclass
-class GateDecision:
-    """One decision of the gate: did the task get its memory, what was done, on what figures."""
-
-    ok: bool
-    reason: str
-    device: str
-    required_mb: float
-    need_source: str  # given | prior (configured) | learned (predicted from measured runs)
-    need_detail: str  # what the need is of: "1 x 512x512 image"
-    usable_mb: float
-    freed_mb: float  # driver-free memory gained on the device while making room, measured
-    waited_ms: float
-    actions: list[str]
-    budget: DeviceBudget  # the figures of the last check: capacity, driver free, held, reserve
-    ceiling_mb: float  # the most that unloading everything Edison holds could make usable
-    at: float = field(default_factory=time.time)
-
-
 def ceiling_mb(budget: DeviceBudget) -> float:
     """The most that could be usable on the device if Edison unloaded everything it holds
     in the ledger: what other programs use (the driver's used memory beyond the ledger)
     stays, and so does the reserve."""
     others = max(0.0, budget.capacity_mb - budget.driver_free_mb - budget.held_mb)
     return max(0.0, budget.capacity_mb - others - budget.reserve_mb)
-
-
-@dataclass
-class HeavyTask:
-    """One heavy task holding the gate."""
-
-    reason: str
-    kind: str | None
-    device: str
-    required_mb: float
-    queued_ms: float
-    decision: GateDecision
-    started_at: float = field(default_factory=time.time)
-    reservation: Reservation | None = field(default=None, repr=False)
-
-    @property
-    def running_s(self) -> float:
-        return time.time() - self.started_at
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    """A heavy task waiting for the gate."""
-
-    position: int  # 1 is next
-    reason: str
-    kind: str | None
-    ticket: str | None  # the job id, when a job waits
-    queued_at: float
-
-
-@dataclass
-class GateState:
-    """What the gate is doing now, for /system/memory and the metrics."""
-
-    state: str  # idle | busy
-    current: HeavyTask | None
-    queue_length: int
-    queue: list[QueueEntry]  # in the order they will run
-    max_waiting: int
-    outcomes: dict[str, int]  # decisions and refusals since start, by outcome
-    last_decisions: list[GateDecision]
 
 
 class MemoryGate:

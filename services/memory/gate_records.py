@@ -1,0 +1,70 @@
+"""What the memory gate decides and holds: its decisions, the task holding it, who waits,
+and its state as /system/memory shows it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from services.memory.ledger import DeviceBudget, Reservation
+
+
+@dataclass
+class GateDecision:
+    """One decision of the gate: did the task get its memory, what was done, on what figures."""
+
+    ok: bool
+    reason: str
+    device: str
+    required_mb: float
+    need_source: str  # given | prior (configured) | learned (predicted from measured runs)
+    need_detail: str  # what the need is of: "1 x 512x512 image"
+    usable_mb: float
+    freed_mb: float  # driver-free memory gained on the device while making room, measured
+    waited_ms: float
+    actions: list[str]
+    budget: DeviceBudget  # the figures of the last check: capacity, driver free, held, reserve
+    ceiling_mb: float  # the most that unloading everything Edison holds could make usable
+    at: float = field(default_factory=time.time)
+
+
+@dataclass
+class HeavyTask:
+    """One heavy task holding the gate."""
+
+    reason: str
+    kind: str | None
+    device: str
+    required_mb: float
+    queued_ms: float
+    decision: GateDecision
+    started_at: float = field(default_factory=time.time)
+    reservation: Reservation | None = field(default=None, repr=False)
+
+    @property
+    def running_s(self) -> float:
+        return time.time() - self.started_at
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A heavy task waiting for the gate."""
+
+    position: int  # 1 is next
+    reason: str
+    kind: str | None
+    ticket: str | None  # the job id, when a job waits
+    queued_at: float
+
+
+@dataclass
+class GateState:
+    """What the gate is doing now, for /system/memory and the metrics."""
+
+    state: str  # idle | busy
+    current: HeavyTask | None
+    queue_length: int
+    queue: list[QueueEntry]  # in the order they will run
+    max_waiting: int
+    outcomes: dict[str, int]  # decisions and refusals since start, by outcome
+    last_decisions: list[GateDecision]
