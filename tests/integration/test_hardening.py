@@ -208,7 +208,8 @@ def test_retry_after_on_a_full_queue_follows_the_measured_runs(
         r = client.post("/generate-image", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
         predicted = client.app.state.jobs.queue_drain_s()
-        assert int(r.headers["retry-after"]) == max(1, int(-(-predicted // 1)))
+        # The prediction grows with the held job's running time: one second of slack.
+        assert abs(int(r.headers["retry-after"]) - max(1, int(-(-predicted // 1)))) <= 1
         assert predicted < 10  # the measured runs take well under a second each
         step_gate.release()
         wait_until(
