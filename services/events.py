@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +78,3 @@ class EventBus:
             yield sub
         finally:
             self._subscribers.discard(sub)
-
-    async def subscribe(self) -> AsyncIterator[Event]:
-        """Events from now on, until the consumer stops iterating (then unsubscribed)."""
-        with self.subscription() as sub:
-            while True:
-                yield await sub.queue.get()

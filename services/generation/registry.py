@@ -69,9 +69,6 @@ class PipelineRegistry:
             self.hosts[kind] = host
         return host
 
-    def is_running(self, kind: str) -> bool:
-        return kind in self._running
-
     def model_key(self, kind: str, device: str) -> str:
         """Which learned model a run belongs to: folder (resolved), dtype, device."""
         folder = self.config(kind).pipeline
