@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from services.errors import ConfigError
 
@@ -27,12 +28,20 @@ def _load(config: str | None, check_paths: bool = True):
         raise SystemExit(2) from None
 
 
-def _server_class() -> type:
+def _server_class(app: Any) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn that shuts down on SIGINT/SIGTERM and then returns, so `edison serve`
-        exits 0 after a clean shutdown (uvicorn re-raises the signal, exiting -15)."""
+        exits 0 after a clean shutdown (uvicorn re-raises the signal, exiting -15), and
+        that ends the open event streams first: uvicorn waits for every open response
+        before it stops, and an /events client never ends its own."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            bus = getattr(app.state, "events", None)
+            if bus is not None:
+                bus.from_thread(bus.close)
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -61,14 +70,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port:
         settings.server.port = args.port
     configure_logging(settings.server.log_level)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         timeout_graceful_shutdown=30,
     )
-    server = _server_class()(config)
+    server = _server_class(app)(config)
     server.run()
     return 0 if server.started else 1
 

@@ -64,11 +64,15 @@ async def events(request: Request, bus: EventsDep) -> StreamingResponse:
             yield b": edison events\n\n"
             dropped = 0
             while True:
+                if bus.closed:
+                    return
                 try:
                     event = await asyncio.wait_for(sub.queue.get(), PING_S)
                 except TimeoutError:
                     yield b": ping\n\n"
                     continue
+                if event is None:  # the server is shutting down
+                    return
                 if sub.dropped != dropped:
                     dropped = sub.dropped
                     yield f"event: dropped\ndata: {json.dumps({'dropped': dropped})}\n\n".encode()

@@ -31,7 +31,8 @@ class Event:
 
 @dataclass(eq=False)  # hashed by identity: kept in a set
 class Subscriber:
-    queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    # None in the queue: the bus closed (the server is shutting down); the stream ends.
+    queue: asyncio.Queue[Event | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: int = 0
 
 
@@ -44,6 +45,7 @@ class EventBus:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.changed = asyncio.Event()  # set by every event; the snapshot task clears it
         self.published = 0
+        self.closed = False
 
     @property
     def subscribers(self) -> int:
@@ -63,6 +65,16 @@ class EventBus:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
                 sub.dropped += 1
+
+    def close(self) -> None:
+        """End every subscription: each event stream finishes, so a shutdown does not
+        wait for clients that would otherwise stay connected."""
+        self.closed = True
+        for sub in self._subscribers:
+            if sub.queue.full():
+                sub.queue.get_nowait()
+                sub.dropped += 1
+            sub.queue.put_nowait(None)
 
     def from_thread(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` (which publishes) on the event loop, from a worker thread."""

@@ -150,7 +150,7 @@ def test_ready_waits_for_the_generation_stack_and_health_answers_meanwhile(
         assert timings["warmup"] is None and timings["imports"] is None
 
 
-def test_edison_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
+def test_edison_serve_ends_event_streams_and_exits_0_after_sigterm(tmp_path: Path) -> None:
     config = tmp_path / "edison.yaml"
     port = free_port()
     config.write_text(
@@ -170,7 +170,20 @@ def test_edison_serve_exits_0_after_sigterm(tmp_path: Path) -> None:
     )
     try:
         wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout=60, what="serving")
+        # An operator page left open: its event stream must end, or uvicorn would wait
+        # for it until its 30 s graceful timeout.
+        subscribed, ended = threading.Event(), threading.Event()
+
+        def follow() -> None:
+            with httpx.stream("GET", f"http://127.0.0.1:{port}/events", timeout=60) as r:
+                for _ in r.iter_raw():
+                    subscribed.set()  # the opening comment came: the stream is open
+            ended.set()
+
+        threading.Thread(target=follow, daemon=True).start()
+        assert subscribed.wait(30)
         proc.send_signal(signal.SIGTERM)
+        assert ended.wait(25), "the event stream was not ended by the shutdown"
         assert proc.wait(60) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
     finally:
         if proc.poll() is None:
