@@ -179,3 +179,39 @@ def fake_smi(folder: Path, body: str) -> Path:
     exe.write_text("#!/bin/sh\n" + body)
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return exe
+
+
+def cuda_oom_first(monkeypatch: Any, cls: type, times: int = 1) -> dict[str, int]:
+    """Make ``cls.__call__`` (a diffusers pipeline class) raise torch's CUDA out-of-memory
+    error on its first ``times`` calls, as a full card would (this CPU machine cannot run
+    out of GPU memory); later calls run the real pipeline. Returns the call counter."""
+    import functools
+
+    import torch
+
+    original = cls.__call__
+    calls = {"n": 0}
+
+    @functools.wraps(original)  # keeps the signature the host filters arguments by
+    def oom_first(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] <= times:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", oom_first)
+    return calls
+
+
+def without_nvml(monkeypatch: Any) -> None:
+    """A pynvml whose nvmlInit fails as it does where the NVIDIA library is missing."""
+    import sys
+    import types
+
+    broken = types.ModuleType("pynvml")
+
+    def fail() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = fail  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", broken)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import socket
@@ -18,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
-from tests.helpers import until, wait_ready, wait_until
+from tests.helpers import cuda_oom_first, until, wait_ready, wait_until
 
 
 @pytest.fixture
@@ -325,23 +324,11 @@ def test_oom_once_is_retried_with_savers_and_fast_comes_back(
     """torch.cuda.OutOfMemoryError cannot happen on this CPU machine: the pipeline's call
     raises it once, as a card would, and everything after it is real."""
     import diffusers
-    import torch
 
     settings = gen_settings(
         models={"fast": {"path": str(tiny_dir / "fast.gguf"), "n_ctx": 256}, "n_threads": 1}
     )
-    cls = diffusers.StableDiffusionPipeline
-    original = cls.__call__
-    calls = {"n": 0}
-
-    @functools.wraps(original)  # keeps the signature the host filters arguments by
-    def oom_once(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "__call__", oom_once)
+    calls = cuda_oom_first(monkeypatch, diffusers.StableDiffusionPipeline)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         models = client.app.state.models

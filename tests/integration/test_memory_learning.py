@@ -4,7 +4,6 @@ real HTTP. Only an out-of-memory error, which a CPU cannot raise, is injected.""
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pytest
@@ -15,7 +14,7 @@ from services.generation.params import GenerationParams
 from services.generation.registry import PipelineRegistry
 from services.llm.manager import ModelManager
 from services.memory.learning import fit_line
-from tests.helpers import placement_for, wait_ready
+from tests.helpers import cuda_oom_first, placement_for, wait_ready
 
 
 @pytest.fixture
@@ -134,20 +133,8 @@ def test_an_out_of_memory_raises_the_next_prediction_for_that_size(
     """torch.cuda.OutOfMemoryError cannot happen on this CPU: the pipeline raises it once,
     as a card would; the retry, the learning and the answer are real."""
     import diffusers
-    import torch
 
-    cls = diffusers.StableDiffusionPipeline
-    original = cls.__call__
-    calls = {"n": 0}
-
-    @functools.wraps(original)
-    def oom_once(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "__call__", oom_once)
+    calls = cuda_oom_first(monkeypatch, diffusers.StableDiffusionPipeline)
     with TestClient(create_app(learn_settings())) as client:
         wait_ready(client)
         registry = client.app.state.pipelines

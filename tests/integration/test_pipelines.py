@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import wave
 from pathlib import Path
@@ -21,6 +20,7 @@ from services.demo.tiny_pipelines import MUSIC_MAX_DURATION_S, write_tiny_pipeli
 from services.errors import Cancelled, ModelUnavailable  # noqa: E402
 from services.generation.params import GenerationParams  # noqa: E402
 from services.generation.pipelines import PipelineHost, PipelineOOM  # noqa: E402
+from tests.helpers import cuda_oom_first  # noqa: E402
 
 HOP = 128  # the tiny music VAE's samples per latent frame
 
@@ -169,20 +169,9 @@ def test_a_seed_gives_the_same_image_and_no_seed_reports_the_one_chosen(hosts):
 def test_oom_is_reported_and_a_retry_with_savers_succeeds(folders, tmp_path, monkeypatch):
     host = PipelineHost("image", folders["image"], "cpu", tmp_path)
     host.load()
-    cls = type(host._pipe)
-    original = cls.__call__
-    calls = {"n": 0}
-
-    # This CPU machine cannot run out of GPU memory, so the first pipeline call raises the
+    # This CPU machine cannot run out of GPU memory: the first pipeline call raises the
     # error torch raises on a full card; the second call runs the real pipeline.
-    @functools.wraps(original)
-    def oom_once(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "__call__", oom_once)
+    calls = cuda_oom_first(monkeypatch, type(host._pipe))
     params = GenerationParams("a cat", steps=1, width=32, height=32, seed=6)
 
     with pytest.raises(PipelineOOM) as info:

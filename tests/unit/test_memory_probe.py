@@ -16,7 +16,7 @@ from services.memory.probe import (
     MemoryProbe,
     parse_nvidia_smi,
 )
-from tests.helpers import NO_GPU_HERE, fake_smi
+from tests.helpers import NO_GPU_HERE, fake_smi, without_nvml
 
 
 @pytest.mark.skipif(not NO_GPU_HERE, reason="this machine has a GPU")
@@ -167,13 +167,7 @@ def test_nvml_initialised_once_and_per_process_memory(
 def test_per_process_memory_is_none_without_nvml(
     monkeypatch: pytest.MonkeyPatch, new_probe: Callable[..., MemoryProbe]
 ) -> None:
-    broken = types.ModuleType("pynvml")
-
-    def fail() -> None:
-        raise RuntimeError("NVML Shared Library Not Found")
-
-    broken.nvmlInit = fail  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    without_nvml(monkeypatch)
     probe = new_probe(timeout_s=5)
     assert probe.process_vram_mb([os.getpid()]) is None
     probe.snapshot()

@@ -9,7 +9,6 @@ import queue
 import sys
 import threading
 import time
-import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from services.memory.probe import (
     ProbeStepFailed,
     ProbeStepUnavailable,
 )
-from tests.helpers import NO_GPU_HERE, fake_smi, wait_until
+from tests.helpers import NO_GPU_HERE, fake_smi, wait_until, without_nvml
 
 # ---- back-off: a hung or failing step is skipped and retried in the background -------
 
@@ -249,13 +248,7 @@ def test_shutdown_stops_the_retries(new_probe: Callable[..., MemoryProbe]) -> No
 def test_no_nvml_and_no_cuda_are_permanent_not_backed_off(
     monkeypatch: pytest.MonkeyPatch, new_probe: Callable[..., MemoryProbe]
 ) -> None:
-    broken = types.ModuleType("pynvml")
-
-    def fail() -> None:
-        raise RuntimeError("NVML Shared Library Not Found")
-
-    broken.nvmlInit = fail  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    without_nvml(monkeypatch)
     probe = new_probe(timeout_s=30, backoff_s=60)
     before = set(threading.enumerate())
     for _ in range(2):
