@@ -4,17 +4,21 @@ real HTTP. Only an out-of-memory error, which a CPU cannot raise, is injected.""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from services.generation.params import GenerationParams
-from services.generation.registry import PipelineRegistry
 from services.llm.manager import ModelManager
-from services.memory.learning import fit_line
 from tests.helpers import cuda_oom_first, placement_for, wait_ready
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -34,43 +38,39 @@ def learn_settings(make_settings, tiny_pipelines):
     return build
 
 
-@pytest.mark.anyio
-async def test_three_measured_sizes_predict_a_fourth(learn_settings) -> None:
-    from services.memory.probe import MemoryProbe
-
-    settings = learn_settings()
-    placement = placement_for(settings, MemoryProbe(timeout_s=5))
-    registry = PipelineRegistry(settings, placement)
-    shape = await registry.shape("image")
-    assert shape is not None and shape.vae_scale == 2 and shape.latent_channels == 4
-    try:
-        measured = {}
-        for px in (128, 160, 192, 224):
-            params = GenerationParams("a cat", steps=1, width=px, height=px, seed=1)
-            predicted = registry.predict("image", "cpu", params, shape)
-            result = await registry.run("image", "cpu", params, predicted=predicted)
-            assert result.peak is not None and result.peak.sane
-            assert result.peak.method in ("rss-hwm", "rss-sampled")
-            measured[px] = (predicted, result.peak.working_mb)
-        # The first three ran on the prior; the fourth on the fit of those three.
-        assert [measured[px][0].prediction.source for px in (128, 160, 192)] == ["prior"] * 3
-        predicted, peak = measured[224]
-        view = registry.learned.view(predicted.key)
-        assert predicted.prediction.source == "learned" and view is not None
-        assert view.samples == 4 and view.last_measured_mb == pytest.approx(peak, abs=0.01)
-        working = predicted.prediction.working_mb
-        # The fit the fourth run was predicted from: the first three samples.
-        model = registry.learned.pipelines[predicted.key]
-        fit = fit_line([(x.size, x.working_mb) for x in model.samples[:3]], 1.05)
-        margin = fit.margin_at(predicted.prediction.size)  # widened: 224 px is beyond 192
-        assert working == pytest.approx(fit.working_mb(predicted.prediction.size))
-        assert peak <= working <= peak * (margin + 0.15), (peak, working, margin)
-        # The pipeline was loaded: its weights were not counted again.
-        assert predicted.prediction.resident_mb == 0
-        assert predicted.need.mb == pytest.approx(working, abs=0.1)
-    finally:
-        await registry.shutdown()
-    assert placement.ledger.entries() == []  # the unloaded pipeline's entry went with it
+def test_three_measured_sizes_predict_a_fourth(tiny_pipelines, tmp_path) -> None:
+    """In a fresh process (the resident high-water mark is process-wide, and this test
+    process has run others): three sizes learned, the fourth predicted from them."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.learning_scenario",
+            str(tiny_pipelines["image"]),
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["vae_scale"], result["latent_channels"]) == (2, 4)
+    runs = result["runs"]
+    assert all(r["peak_sane"] and r["method"] in ("rss-hwm", "rss-sampled") for r in runs)
+    # The first three ran on the prior; the fourth on the fit of those three.
+    assert [r["source"] for r in runs] == ["prior", "prior", "prior", "learned"]
+    last = runs[-1]
+    peak, working = last["peak_mb"], last["predicted_working_mb"]
+    assert result["samples"] == 4 and result["last_measured_mb"] == pytest.approx(peak, abs=0.01)
+    assert working == pytest.approx(result["fit_working_at_last"])
+    margin = result["margin_at_last"]  # widened: 224 px is beyond the 192 px measured
+    assert peak <= working <= peak * (margin + 0.15), (peak, working, margin)
+    # The pipeline was loaded: its weights were not counted again.
+    assert last["resident_mb"] == 0 and last["need_mb"] == pytest.approx(working, abs=0.1)
+    assert result["ledger_after"] == 0  # the unloaded pipeline's entry went with it
 
 
 def test_learned_needs_survive_a_restart_and_show_on_system_memory(learn_settings, caplog) -> None:
