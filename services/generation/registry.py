@@ -180,12 +180,18 @@ class PipelineRegistry:
         should_cancel: Callable[[], bool] | None = None,
         savers: bool = False,
         predicted: PredictedNeed | None = None,
+        write: bool = True,
     ) -> RunResult:
         """Run ``kind`` on ``device`` in a worker thread (loading it first if needed), and
         learn from the run's measured peak."""
         host = self.host(kind, device)
         call = functools.partial(
-            host.run, params, on_step=on_step, should_cancel=should_cancel, savers=savers
+            host.run,
+            params,
+            on_step=on_step,
+            should_cancel=should_cancel,
+            savers=savers,
+            write=write,
         )
         self._running.add(kind)
         try:
@@ -202,14 +208,7 @@ class PipelineRegistry:
     async def warm(self, kind: str, device: str, params: GenerationParams) -> RunResult:
         """Load ``kind`` and run it once without writing files: the first request then pays
         no load and no kernel warm-up. Learns nothing (a first run is not typical)."""
-        host = self.host(kind, device)
-        call = functools.partial(host.run, params, write=False)
-        self._running.add(kind)
-        try:
-            return await anyio.to_thread.run_sync(call)
-        finally:
-            self._running.discard(kind)
-            self._hold(kind, host)
+        return await self.run(kind, device, params, write=False)
 
     async def _unload(self, kind: str, host: PipelineHost) -> None:
         await anyio.to_thread.run_sync(host.unload)
