@@ -53,6 +53,11 @@ class WorkerSpec:
     chat_format: str | None = None
     clip_path: Path | None = None
     extra_args: tuple[str, ...] = ()  # more llama_cpp.server flags, e.g. ("--flash_attn", "true")
+    # The GPUs this worker sees (CUDA_VISIBLE_DEVICES), in the order it numbers them;
+    # None: whatever the parent sees. With 0 GPU layers the worker sees none.
+    devices: tuple[int, ...] | None = None
+    # Share of the layers on each visible device when a model is split across cards.
+    tensor_split: tuple[float, ...] | None = None
 
 
 def free_port() -> int:
@@ -73,6 +78,12 @@ def child_env(spec: WorkerSpec, overrides: Mapping[str, str] | None = None) -> d
     if spec.n_gpu_layers == 0:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["HIP_VISIBLE_DEVICES"] = ""
+    elif spec.devices is not None:
+        # The child numbers its devices from 0 in this order, so its CUDA context (and
+        # every layer) lands on the cards the ledger placed it on.
+        visible = ",".join(str(d) for d in spec.devices)
+        env["CUDA_VISIBLE_DEVICES"] = visible
+        env["HIP_VISIBLE_DEVICES"] = visible
     if overrides:
         env.update(overrides)
     return env
@@ -135,6 +146,8 @@ def build_command(spec: WorkerSpec, port: int, python: str = sys.executable) -> 
         cmd += ["--chat_format", spec.chat_format]
     if spec.clip_path is not None:
         cmd += ["--clip_model_path", str(spec.clip_path)]
+    if spec.tensor_split is not None:
+        cmd += ["--split_mode", "1", "--tensor_split", *(f"{x:g}" for x in spec.tensor_split)]
     return cmd + list(spec.extra_args)
 
 
