@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= var/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo run test lint browser bench doctor clean
+.PHONY: install llama-server demo run test lint browser bench doctor clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt "torch==2.13.0" -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# llama.cpp's C++ server for the llama-server worker backend, built from the llama.cpp
+# sources the pinned llama-cpp-python sdist vendors (one llama.cpp in the project) into
+# $(BIN)/llama-server. The script does nothing when the binary is current.
+llama-server: $(STAMP)
+	scripts/build_llama_server.sh $(VENV)
 
-demo: $(STAMP)
+install: $(STAMP) llama-server
+
+demo: install
 	$(BIN)/edison make-demo --out $(DEMO)
 
 run: demo
@@ -38,7 +44,7 @@ browser:
 	      --no-install-recommends chromium >/dev/null; } \
 	  || echo "could not install chromium: the browser tests will be skipped"; }
 
-test: $(STAMP) lint browser
+test: install lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: demo

@@ -1,4 +1,7 @@
-"""One llama.cpp model in its own child process: ``python -m llama_cpp.server``.
+"""One llama.cpp model in its own child process: ``python -m llama_cpp.server`` or
+llama.cpp's ``llama-server`` (``models.backend``; see ``backend_llama_server.py`` for
+what that one does). Everything below but the command line, the readiness answer's
+details and the error lines is the same for both.
 
 Ending the process is the only sure way to give its VRAM back (dropping a ``Llama``
 object does not reliably do it, and a CUDA error inside ggml aborts the whole
@@ -38,8 +41,10 @@ What llama_cpp.server (llama-cpp-python 0.3.36) does, as measured here:
   signal: a clean stop() returns -15.
 
 What this module adds: an allow-listed, offline environment; its own process group;
-the GPU hidden when no layer is offloaded; a parent-death signal (BOOTSTRAP), so a
-worker never outlives an Edison killed with SIGKILL; one retry on a new port.
+the GPU hidden when no layer is offloaded; a parent-death signal (BOOTSTRAP, or
+EXEC_WRAPPER for llama-server), so a worker never outlives an Edison killed with
+SIGKILL; one retry on a new port; for llama-server, a binary that is missing or cannot
+run fails the start at once with that reason.
 """
 
 from __future__ import annotations
@@ -54,12 +59,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 
+import anyio
 import httpx
 
 from services.errors import ModelLoadFailed
+from services.llm.backend_llama_server import inspect_binary
 from services.llm.worker_command import (
     PORT_TAKEN,
     WorkerSpec,
+    binary_of,
     build_command,
     child_env,
     extract_reason,
@@ -103,7 +111,8 @@ class WorkerStartFailed(ModelLoadFailed):
 
 
 class LlamaWorker:
-    """A ``llama_cpp.server`` child process serving one model on a loopback port."""
+    """A ``llama_cpp.server`` or ``llama-server`` child serving one model on a loopback
+    port."""
 
     def __init__(
         self,
@@ -121,6 +130,10 @@ class LlamaWorker:
         self.port: int = 0
         self.started_at: float = 0.0  # wall clock (time.time()) of the spawn
         self.ready_ms: float = 0.0  # spawn to first 200 from /v1/models, port retry included
+        # The context one request may fill: n_ctx on llama_cpp.server, a slot's share on
+        # llama-server (its /props once ready).
+        self.slot_ctx: int = spec.n_ctx
+        self._flags: tuple[str, ...] = ()  # optional llama-server flags its binary knows
         self._proc: asyncio.subprocess.Process | None = None
         # Why a deque: the child's output must be read continuously or its pipe fills
         # and the child blocks in a write; only the last lines are worth keeping.
@@ -162,6 +175,7 @@ class LlamaWorker:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         deadline = t0 + timeout_s
+        await self._check_binary()
         for attempt in (1, 2):
             try:
                 await self._start_once(deadline)
@@ -181,6 +195,24 @@ class LlamaWorker:
             )
             return
 
+    async def _check_binary(self) -> None:
+        """For llama-server: a binary that is missing or does not run fails the start
+        here, with that reason; one that runs tells which optional flags it knows."""
+        binary = binary_of(self.spec)
+        if binary is None:
+            return
+        info = await anyio.to_thread.run_sync(inspect_binary, binary)
+        if not info.usable:
+            reason = info.reason or f"llama-server {binary} is not usable"
+            raise WorkerStartFailed(
+                f"worker {self.spec.key} cannot start: {reason}",
+                reason=reason,
+                stderr_tail="",
+                returncode=None,
+                missing_file=True,
+            )
+        self._flags = tuple(info.flags)
+
     def _reset(self) -> None:
         self._proc = None
         self.pid = None
@@ -191,7 +223,7 @@ class LlamaWorker:
         self.port = free_port()
         self.started_at = time.time()
         self._proc = await asyncio.create_subprocess_exec(
-            *build_command(self.spec, self.port, self.python),
+            *build_command(self.spec, self.port, self.python, self._flags),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -233,6 +265,7 @@ class LlamaWorker:
                     r = None
                 if r is not None and r.status_code == 200:
                     if self._serves_our_model(r):
+                        await self._read_slot_ctx(client)
                         return
                     # Another server answers on "our" port: ours will fail to bind.
                     await self._kill()
@@ -240,6 +273,16 @@ class LlamaWorker:
                         f"another server answers on port {self.port}", port_taken=True
                     )
                 await asyncio.wait({self._waiter}, timeout=min(POLL_S, max(0.0, remaining)))
+
+    async def _read_slot_ctx(self, client: httpx.AsyncClient) -> None:
+        """llama-server's context per slot, from its ``GET /props``."""
+        if self.spec.backend != "llama-server":
+            return
+        try:
+            r = await client.get(f"{self.base_url}/props", timeout=5.0)
+            self.slot_ctx = int(r.json()["default_generation_settings"]["n_ctx"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("worker %s: no slot context from /props (%s)", self.spec.key, exc)
 
     def _serves_our_model(self, response: httpx.Response) -> bool:
         try:
@@ -262,7 +305,7 @@ class LlamaWorker:
             last = next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
             reason = "not ready in time" + (f" (last output: {last})" if last else "")
         else:
-            reason = extract_reason(lines)
+            reason = extract_reason(lines, self.spec.backend)
         return WorkerStartFailed(
             f"{message}: {reason}",
             reason=reason,
@@ -309,7 +352,7 @@ class LlamaWorker:
             self.spec.key,
             self.pid,
             rc,
-            extract_reason(list(self._lines)),
+            extract_reason(list(self._lines), self.spec.backend),
         )
         if self.on_exit is not None:
             try:

@@ -9,7 +9,9 @@ and the tensor table. The estimate follows where llama.cpp puts each buffer:
   the CPU. Models without ``output.weight`` tie it to ``token_embd``, and llama.cpp then
   puts a copy of ``token_embd`` on the output layer's device.
 - **KV cache** (f16 by default): ``2 x n_ctx x n_head_kv x head_dim x bytes`` per layer,
-  on the device of its layer (``offload_kqv`` is on in llama-cpp-python).
+  on the device of its layer (``offload_kqv`` is on in llama-cpp-python). llama-server
+  with ``--parallel N`` keeps N per-slot caches of ``n_ctx / N`` cells rounded up to a
+  multiple of 256 (see :func:`kv_cells`); llama-cpp-python one unified cache of n_ctx.
 - **Compute buffer**: Ollama's graph-size formula for llama-type models (see
   :func:`graph_bytes`); it matches what llama.cpp logs as the CUDA compute buffer.
 
@@ -213,13 +215,29 @@ def graph_bytes(info: GGUFInfo, n_ctx: int, n_batch: int) -> tuple[int, int]:
     return full, partial
 
 
+def kv_cells(n_ctx: int, slots: int | None = None) -> int:
+    """KV cells a context allocates: n_ctx for one unified cache (``slots`` None, as
+    llama-cpp-python asks), else llama.cpp's non-unified split over ``slots`` sequences,
+    ``slots x GGML_PAD(n_ctx / slots, 256)`` (llama_context, as llama-server asks)."""
+    if slots is None:
+        return n_ctx
+    per_slot = -(-(n_ctx // slots) // 256) * 256
+    return max(per_slot, 256) * slots
+
+
 def kv_bytes_per_layer(info: GGUFInfo, n_ctx: int, kv_bytes_per_elem: int = 2) -> int:
     """K and V of one layer: 2 x n_ctx x n_head_kv x head_dim x bytes per element."""
     return 2 * n_ctx * info.n_head_kv * info.head_dim * kv_bytes_per_elem
 
 
 def estimate(
-    info: GGUFInfo, n_gpu_layers: int, n_ctx: int, *, kv_bytes_per_elem: int = 2, n_batch: int = 512
+    info: GGUFInfo,
+    n_gpu_layers: int,
+    n_ctx: int,
+    *,
+    kv_bytes_per_elem: int = 2,
+    n_batch: int = 512,
+    slots: int | None = None,
 ) -> Estimate:
     """Predict VRAM and RAM of loading ``info`` with these GPU layers and context.
 
@@ -231,6 +249,7 @@ def estimate(
     4 x batch x 3 x n_embd bytes when everything is offloaded (24 MiB for an 8B model
     at batch 512, about what llama.cpp logs as "CUDA_Host compute buffer"; recalled,
     not yet measured here). The CPU figures are allowances, the GPU ones the gate's.
+    ``slots``: llama-server's parallel slots, whose KV cache is :func:`kv_cells`.
     """
     ngl = effective_layers(n_gpu_layers, info.n_layer)
     ctx = effective_ctx(n_ctx, info.n_ctx_train)
@@ -245,8 +264,9 @@ def estimate(
         # A tied output is a copy of token_embd: the original stays on the CPU.
         cpu_weights -= info.output_bytes - info.tied_output_bytes
 
-    kv_layer = kv_bytes_per_layer(info, ctx, kv_bytes_per_elem)
-    full, partial = graph_bytes(info, ctx, n_batch)
+    cells = kv_cells(ctx, slots)
+    kv_layer = kv_bytes_per_layer(info, cells, kv_bytes_per_elem)
+    full, partial = graph_bytes(info, cells, n_batch)
     b = max(1, min(n_batch, ctx))
     if ngl == 0:
         gpu_compute, cpu_compute = 0, full

@@ -206,6 +206,19 @@ def test_estimate_on_the_cpu_uses_no_vram(tiny: GGUFInfo) -> None:
     assert est.ram_mb * MiB == 2 * LAYER + OTHER + kv + _full_graph(256, 256)
 
 
+def test_llama_server_slots_hold_their_padded_share_of_the_context(tiny: GGUFInfo) -> None:
+    """--parallel 4 over n_ctx 256: four slots of 64 tokens, each padded to 256 cells."""
+    kv_dim, f16, layers = 32, 2, 2
+    one = estimate(tiny, -1, 256)
+    four = estimate(tiny, -1, 256, slots=4)
+    assert one.kv_vram_mb * MiB == 2 * 256 * kv_dim * f16 * layers
+    assert four.kv_vram_mb == 4 * one.kv_vram_mb
+    assert four.compute_vram_mb > one.compute_vram_mb  # attention over four times the cells
+    assert four.weights_vram_mb == one.weights_vram_mb
+    # A context that divides into multiples of 256 costs what one cache of it costs.
+    assert estimate(tiny, -1, 256, slots=1).kv_vram_mb == one.kv_vram_mb
+
+
 def test_context_is_clamped_to_the_trained_context(tiny: GGUFInfo) -> None:
     assert estimate(tiny, -1, 100_000).n_ctx == 256
     assert estimate(tiny, -1, 0).n_ctx == 256  # 0 = the model's own context
