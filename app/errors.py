@@ -25,6 +25,7 @@ STATUS: dict[type[e.EdisonError], int] = {
     e.InvalidRequest: 422,
     e.InsufficientMemory: 503,
     e.QueueFull: 503,
+    e.ResidencyHold: 503,
     e.ModelUnavailable: 503,
     e.UnknownTier: 404,
     e.NotFound: 404,

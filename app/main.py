@@ -7,7 +7,7 @@ import contextlib
 import functools
 import importlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,8 +29,7 @@ from services.generation.registry import PipelineRegistry
 from services.llm.chat import ChatProxy
 from services.llm.manager import ModelManager
 from services.memory.gate import MemoryGate
-from services.memory.ledger import MemoryLedger
-from services.memory.placement import Placement
+from services.memory.placement import Placement, ledger_for
 from services.memory.probe import MemoryProbe
 from services.memory.report import memory_report
 from services.metrics import Metrics
@@ -130,10 +129,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backoff_s=mem.probe_backoff_s,
         backoff_max_s=mem.probe_backoff_max_s,
     )
-    state.ledger = MemoryLedger(
-        reserve_vram_mb=settings.memory.reserve_vram_mb,
-        reserve_ram_mb=settings.memory.reserve_ram_mb,
-    )
+    state.ledger = ledger_for(settings)
     state.placement = Placement(settings, state.probe, state.ledger)
     state.events = EventBus()
     state.events.bind(asyncio.get_running_loop())
@@ -142,7 +138,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     state.chat = ChatProxy(state.models)
     state.swarm = SwarmService(settings, state.placement, state.models, state.chat)
-    state.pipelines = PipelineRegistry(settings, state.placement)
+    state.pipelines = PipelineRegistry(
+        settings, state.placement, run_device=state.pipeline_run_device
+    )
     state.gate = MemoryGate(
         settings, state.placement, state.models, pipelines=state.pipelines, events=state.events
     )
@@ -177,11 +175,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(
-    settings: Settings | None = None, *, probe: Any = None, **manager_options: Any
+    settings: Settings | None = None,
+    *,
+    probe: Any = None,
+    pipeline_run_device: Callable[[str], str] | None = None,
+    **manager_options: Any,
 ) -> FastAPI:
     """Build a fresh app; with no settings, read them from EDISON_CONFIG or config/edison.yaml.
 
     ``probe`` replaces the memory probe (tests: a GPU that reports given numbers);
+    ``pipeline_run_device`` maps a placed device to the torch device pipelines run on
+    (a simulated many-GPU host runs every ``cuda:N`` on the CPU);
     ``manager_options`` go to the ModelManager (``python``, ``worker_env``).
     """
     settings = settings or load_settings()
@@ -195,6 +199,7 @@ def create_app(
     app.state.settings = settings
     app.state.manager_options = manager_options
     app.state.probe_override = probe
+    app.state.pipeline_run_device = pipeline_run_device
     key = settings.server.api_key
     app.add_middleware(
         RequestGuard,

@@ -113,6 +113,14 @@ class LoadedModelInfo(BaseModel):
     ram_estimate_mb: float
     ready_ms: float = Field(description="Worker start to ready.")
     active: int = Field(description="Requests in flight on the model.")
+    backend: str = Field(description="`llama-cpp-python` or `llama-server`.")
+    parallel: int = Field(description="Requests the worker serves at once (its slots).")
+    slot_ctx: int = Field(
+        description="Context one request may fill: n_ctx, or its share per slot on llama-server."
+    )
+    devices: list[str] = Field(
+        description="Every device the model is placed on (several when split across GPUs)."
+    )
 
 
 class GateDecisionInfo(BaseModel):
@@ -135,6 +143,10 @@ class GateDecisionInfo(BaseModel):
         "above it is refused at once, unloading nothing."
     )
     at: float = Field(description="Unix time of the decision.")
+    placed_because: str = Field(
+        description="Why the task went to this device (with several: idle gate, pipeline "
+        "loaded, free room, least to unload)."
+    )
 
 
 class HeavyTaskInfo(BaseModel):
@@ -154,6 +166,17 @@ class QueueEntryInfo(BaseModel):
     kind: str | None
     ticket: str | None = Field(description="The waiting job's id.")
     queued_at: float
+    device: str = Field(description="The device whose line it waits in.")
+
+
+class LaneStateInfo(BaseModel):
+    """One device's line and heavy slot."""
+
+    device: str = Field(examples=["cuda:0"])
+    state: str = Field(description="`idle` or `busy`.")
+    current: HeavyTaskInfo | None = Field(description="The heavy task running on the device.")
+    queue_length: int = Field(description="Tasks waiting in this device's line.")
+    heavy_slot: str | None = Field(description="The heavy LLM tier loaded on the device.")
 
 
 class GateInfo(BaseModel):
@@ -168,6 +191,10 @@ class GateInfo(BaseModel):
         default_factory=dict, description="Decisions since start: ok, refused, queue_full, ..."
     )
     last_decisions: list[GateDecisionInfo] = Field(default_factory=list)
+    devices: list[LaneStateInfo] = Field(
+        default_factory=list,
+        description="Each device's own line (a task on one never waits behind another's).",
+    )
 
 
 class PipelineModelInfo(BaseModel):
@@ -193,6 +220,14 @@ class WorkerOverheadInfo(BaseModel):
     mb: float = Field(description="What an LLM worker needs beyond its GGUF estimate.")
     samples: int = Field(description="Loads measured on the device.")
     source: str = Field(description="`learned` or `prior` (memory.worker_overhead_prior_mb).")
+
+
+class DeviceReportInfo(BaseModel):
+    """One device Edison places work on."""
+
+    budget: DeviceBudgetInfo
+    worker_overhead: WorkerOverheadInfo
+    lane: LaneStateInfo
 
 
 class PipelineInfoOut(BaseModel):
@@ -247,6 +282,10 @@ class SystemMemory(BaseModel):
     )
     jobs: list[JobView] = Field(
         description="Generation jobs not done: running first, then by place in line."
+    )
+    devices: list[DeviceReportInfo] = Field(
+        description="Every device Edison places work on, with its budget, line and heavy slot "
+        "(`device` above is the first)."
     )
 
 
@@ -328,6 +367,10 @@ class JobView(BaseModel):
         description="Seconds until it is expected to finish, from the measured durations of "
         "past jobs of its kind and size (its own progress once running); null once done."
     )
+    device: str | None = Field(
+        description="The device whose line the job waits in, or that it ran on "
+        "(`cuda:1`, `cpu`); null before it is placed."
+    )
 
 
 def job_view(job: Job) -> JobView:
@@ -353,6 +396,7 @@ def job_view(job: Job) -> JobView:
         finished_at=job.finished_at,
         position=job.position,
         eta_s=job.eta_s,
+        device=job.device,
     )
 
 

@@ -79,6 +79,14 @@ class EdisonRouting(BaseModel):
         description="The `max_tokens` sent to the worker when Edison lowered the request's "
         "(or set it, when none was given) to what the context leaves after the prompt.",
     )
+    device: str | None = Field(
+        None, description="Where the answering worker is placed (`cuda:1`, `cpu`, ...)."
+    )
+    residency_wait_s: float | None = Field(
+        None,
+        description="Seconds this request waited for a heavy model's `models.min_residency_s` "
+        "before its tier could take that device's heavy slot.",
+    )
 
 
 class ChatRequest(BaseModel):

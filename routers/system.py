@@ -44,6 +44,6 @@ async def system_memory(
 async def metrics(
     placement: PlacementDep, models: ModelsDep, gate: GateDep, metrics: MetricsDep
 ) -> PlainTextResponse:
-    view = await placement.view()
-    body = metrics.render(view.snapshot, placement.ledger, models, gate)
+    snap = await placement.snapshot()
+    body = metrics.render(snap, placement.ledger, models, gate, placement.views_of(snap))
     return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

@@ -51,6 +51,18 @@ class InsufficientMemory(EdisonError):
             self.code = "insufficient_ram"
 
 
+class ResidencyHold(EdisonError):
+    """Every heavy slot a chat could take holds a model younger than
+    ``models.min_residency_s``: the chat waits (``wait_s``) or falls back."""
+
+    code = "heavy_slot_resident"
+
+    def __init__(self, message: str, *, wait_s: float, **details: Any) -> None:
+        super().__init__(message, wait_s=wait_s, **details)
+        self.wait_s = wait_s
+        self.retry_after_s = max(1.0, wait_s)
+
+
 class QueueFull(EdisonError):
     code = "queue_full"
 

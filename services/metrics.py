@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.memory.ledger import MemoryLedger
+from services.memory.placement import DeviceView
 from services.memory.probe import MemorySnapshot
 
 if TYPE_CHECKING:
@@ -50,6 +52,25 @@ class Metrics:
             buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4),
             registry=r,
         )
+        per = ["device"]
+        self.device_usable = Gauge(
+            "edison_device_usable_mb",
+            "What a decision may use on each device Edison places on, MB.",
+            per,
+            registry=r,
+        )
+        self.device_queue = Gauge(
+            "edison_device_queue_length", "Heavy tasks waiting per device.", per, registry=r
+        )
+        self.device_busy = Gauge(
+            "edison_device_busy", "1 while a heavy task runs on the device.", per, registry=r
+        )
+        self.heavy_slot = Gauge(
+            "edison_heavy_slot",
+            "1 for the heavy LLM tier loaded on each device.",
+            ["device", "tier"],
+            registry=r,
+        )
         self._seen_outcomes: dict[str, int] = {}
 
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
@@ -60,9 +81,23 @@ class Metrics:
             self.prediction_ratio.labels(kind=kind).observe(measured_mb / predicted_mb)
 
     def render(
-        self, snap: MemorySnapshot, ledger: MemoryLedger, models: ModelManager, gate: MemoryGate
+        self,
+        snap: MemorySnapshot,
+        ledger: MemoryLedger,
+        models: ModelManager,
+        gate: MemoryGate,
+        views: Sequence[DeviceView] = (),
     ) -> bytes:
-        """Refresh the gauges from one snapshot and return the text format."""
+        """Refresh the gauges from one snapshot (``views``: each device placed on,
+        budgeted from it) and return the text format."""
+        self.heavy_slot.clear()
+        for view in views:
+            lane = gate.lane_state(view.device)
+            self.device_usable.labels(device=view.device).set(view.budget.usable_mb)
+            self.device_queue.labels(device=view.device).set(lane.queue_length)
+            self.device_busy.labels(device=view.device).set(1 if lane.state == "busy" else 0)
+            if lane.heavy_slot is not None:
+                self.heavy_slot.labels(device=view.device, tier=lane.heavy_slot).set(1)
         self.ram_total.set(snap.ram_total_mb)
         self.ram_available.set(snap.ram_available_mb)
         for g in snap.gpus:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -58,10 +58,46 @@ class ServerSettings(_Section):
     )
 
 
+class DeviceLimits(_Section):
+    reserve_vram_mb: int | None = Field(
+        None, ge=0, le=65536, description="This device's reserve (default: memory.reserve_vram_mb)."
+    )
+    vram_budget_mb: int | None = Field(
+        None,
+        ge=256,
+        le=4194304,
+        description="This device's cap (default: memory.vram_budget_mb).",
+    )
+
+
 class MemorySettings(_Section):
     device: int = Field(
-        0, ge=0, le=63, description="Index of the GPU that models and pipelines run on."
+        0,
+        ge=0,
+        le=63,
+        description="Index of the GPU that models and pipelines run on: the short form of "
+        "`devices: [N]` (ignored when `devices` is set).",
     )
+    devices: Literal["auto"] | list[Annotated[int, Field(ge=0, le=63)]] | None = Field(
+        None,
+        description="GPUs Edison places work on: `auto` (every GPU the probe sees) or a list of "
+        "indices. Each has its own gate, queue and heavy slot. Unset: `[device]`.",
+    )
+    per_device: dict[Annotated[int, Field(ge=0, le=63)], DeviceLimits] = Field(
+        default_factory=dict,
+        description="Overrides of `reserve_vram_mb` / `vram_budget_mb` for one GPU index "
+        "(`per_device: {1: {reserve_vram_mb: 2048}}`).",
+    )
+
+    @model_validator(mode="after")
+    def _devices_listed_once(self) -> MemorySettings:
+        if isinstance(self.devices, list):
+            if not self.devices:
+                raise ValueError("devices must name at least one GPU index (or be auto)")
+            if len(set(self.devices)) != len(self.devices):
+                raise ValueError("devices lists an index twice")
+        return self
+
     reserve_vram_mb: int = Field(
         1024,
         ge=0,
@@ -152,6 +188,29 @@ class TierSettings(_Section):
     chat_format: str | None = Field(
         None, description="llama.cpp chat format; default: the template in the GGUF file."
     )
+    device: Literal["auto"] | Annotated[int, Field(ge=0, le=63)] = Field(
+        "auto",
+        description="GPU index this tier loads on, or `auto`: the device where its best rung "
+        "fits now (ties: fewest heavy tasks, then most usable memory).",
+    )
+    allow_split: bool = Field(
+        False,
+        description="When no single GPU can hold the model's best GPU rung, split its layers "
+        "across the GPUs (llama.cpp tensor split) instead of walking down the ladder.",
+    )
+    backend: Literal["llama-cpp-python", "llama-server"] | None = Field(
+        None, description="Worker backend of this tier (default: models.backend)."
+    )
+    parallel: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Requests this tier's worker serves at once (llama-server slots, batched "
+        "together). n_ctx is divided across them as llama-server does: each slot gets n_ctx / "
+        "parallel rounded up to a multiple of 256 (capped at the trained context), and the KV "
+        "cache holds parallel x that. Default: 4 on llama-server, 1 on llama-cpp-python (its "
+        "only value).",
+    )
 
 
 class VisionTierSettings(TierSettings):
@@ -160,7 +219,31 @@ class VisionTierSettings(TierSettings):
         None, description="Multimodal projector (mmproj GGUF) of the vision model."
     )
     chat_format: str | None = Field(
-        "llava-1-5", description="llama.cpp chat handler for the vision model."
+        "llava-1-5",
+        description="llama.cpp chat handler for the vision model: `llava-1-5` (its own "
+        "LLaVA template), `mtmd` (the model's own chat template), `llava-1-6`, ...",
+    )
+    max_image_mb: float = Field(
+        10, gt=0, le=1024, description="Largest image a chat may carry (decoded bytes)."
+    )
+    max_image_pixels: int = Field(
+        16_777_216,
+        ge=1,
+        le=1_073_741_824,
+        description="Most pixels (width x height) an image may have: a small file can decode "
+        "to gigabytes.",
+    )
+    allow_remote_images: bool = Field(
+        False,
+        description="Accept http(s) image URLs: Edison fetches them itself (bounded by "
+        "`max_image_mb`) and hands the worker the bytes. Off: such URLs are refused (422).",
+    )
+    image_tokens: int = Field(
+        576,
+        ge=1,
+        le=65536,
+        description="Context tokens one image takes in the context budget (the projector's "
+        "patches: 576 for LLaVA-1.5; 16 for the demo's tiny projector).",
     )
 
 
@@ -184,10 +267,56 @@ class ModelsSettings(_Section):
     n_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads per worker (default: llama.cpp's)."
     )
+    backend: Literal["llama-cpp-python", "llama-server"] = Field(
+        "llama-cpp-python",
+        description="Worker process of every tier: `llama-cpp-python` (python -m "
+        "llama_cpp.server, one request at a time) or `llama-server` (llama.cpp's C++ server: "
+        "parallel slots, continuous batching). Per tier: models.<tier>.backend.",
+    )
+    llama_server_binary: Path | None = Field(
+        None,
+        description="The llama-server executable (default: bin/llama-server of Edison's venv, "
+        "which `make install` builds from the llama.cpp that llama-cpp-python vendors).",
+    )
+    min_residency_s: float = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="A heavy model loaded less than this long ago is not evicted by a chat "
+        "for another heavy tier on its device: the chat goes to another device, waits, or "
+        "falls back. The gate may still evict it for an image, video or music task.",
+    )
+    max_residency_wait_s: float = Field(
+        10,
+        ge=0,
+        le=3600,
+        description="Longest a chat waits for a heavy model's residency to end; a longer wait "
+        "falls back along the tier chain instead.",
+    )
 
     def tiers(self) -> dict[str, TierSettings]:
         """The configured tiers, in loading order, absent ones left out."""
         return {name: t for name in TIER_NAMES if (t := getattr(self, name)) is not None}
+
+    def backend_of(self, tier: TierSettings) -> str:
+        """The worker backend a tier runs on: its own, else models.backend."""
+        return tier.backend or self.backend
+
+    def parallel_of(self, tier: TierSettings) -> int:
+        """Slots of a tier's worker: its own, else 4 on llama-server, 1 on llama-cpp-python."""
+        if tier.parallel is not None:
+            return tier.parallel
+        return 4 if self.backend_of(tier) == "llama-server" else 1
+
+    @model_validator(mode="after")
+    def _parallel_needs_llama_server(self) -> ModelsSettings:
+        for name, tier in self.tiers().items():
+            if self.parallel_of(tier) > 1 and self.backend_of(tier) != "llama-server":
+                raise ValueError(
+                    f"{name}.parallel {tier.parallel} needs backend llama-server: "
+                    "llama-cpp-python serves one request at a time"
+                )
+        return self
 
 
 class LadderSettings(_Section):
@@ -226,6 +355,11 @@ class PipelineSettings(_Section):
     )
     max_steps: int = Field(50, ge=1, le=1000, description="Largest `steps` a request may ask.")
     default_steps: int = Field(25, ge=1, le=1000, description="`steps` when a request omits it.")
+    device: Literal["auto"] | Annotated[int, Field(ge=0, le=63)] = Field(
+        "auto",
+        description="GPU index this pipeline runs on, or `auto`: the device that holds the "
+        "task's need with the least unloading (an idle device before a busy one).",
+    )
     preload: bool = Field(
         False,
         description="Load the pipeline at start-up and run one tiny warm-up step on its device "
@@ -325,6 +459,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
     fix(data.get("server"), "outputs_dir")
     fix(data.get("memory"), "state_dir")
+    fix(data.get("models"), "llama_server_binary")
     for tier in (data.get("models") or {}).values():
         fix(tier, "path")
         fix(tier, "clip_path")

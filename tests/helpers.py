@@ -112,38 +112,49 @@ class FakeGpuProbe:
     """
 
     def __init__(
-        self, total_mb: float = 12288, used_mb: float = 0, budget_mb: float | None = None
+        self,
+        total_mb: float = 12288,
+        used_mb: float = 0,
+        budget_mb: float | None = None,
+        *,
+        gpus: int = 1,
     ) -> None:
         from services.memory.probe import MemoryProbe
 
         self.total_mb = total_mb
         self.budget_mb = budget_mb
-        self._used = used_mb
-        self._pending: list[tuple[int, float]] = []
+        self._used = [float(used_mb)] * gpus  # per GPU index
+        self._pending: list[tuple[int, float, int]] = []
         self.calls = 0
         self._real = MemoryProbe(timeout_s=5)
 
     @property
     def used_mb(self) -> float:
-        return self._used
+        return self._used[0]
 
-    def set_used(self, used_mb: float, lag: int = 0) -> None:
+    def used_on(self, index: int) -> float:
+        return self._used[index]
+
+    def set_used(self, used_mb: float, lag: int = 0, *, index: int = 0) -> None:
         if lag:
-            self._pending.append((self.calls + lag, used_mb))
+            self._pending.append((self.calls + lag, used_mb, index))
         else:
-            self._used = used_mb
+            self._used[index] = used_mb
 
     def snapshot(self):  # noqa: ANN201
         from services.memory.probe import GpuMemory, MemorySnapshot, _apply_budget
 
         self.calls += 1
-        for due, value in list(self._pending):
+        for due, value, index in list(self._pending):
             if self.calls >= due:
-                self._used = value
-                self._pending.remove((due, value))
-        gpu = GpuMemory(0, "Fake 12GB", self.total_mb, self._used, self.total_mb - self._used)
+                self._used[index] = value
+                self._pending.remove((due, value, index))
+        gpus = [
+            GpuMemory(i, f"Fake {self.total_mb:.0f}MB", self.total_mb, u, self.total_mb - u)
+            for i, u in enumerate(self._used)
+        ]
         ram = self._real.snapshot()
-        gpus = _apply_budget([gpu], self.budget_mb)
+        gpus = _apply_budget(gpus, self.budget_mb)
         return MemorySnapshot(
             ram.ram_total_mb, ram.ram_available_mb, ram.ram_used_mb, gpus, "fake", time.time()
         )
@@ -162,10 +173,12 @@ class FakeGpuProbe:
 def placement_for(settings: Any, probe: Any, *, reserve_vram_mb: float = 1024) -> Any:
     """A Placement over ``probe`` with a fresh ledger (reserve RAM from the settings)."""
     from services.memory.ledger import MemoryLedger
-    from services.memory.placement import Placement
+    from services.memory.placement import Placement, device_limits
 
     ledger = MemoryLedger(
-        reserve_vram_mb=reserve_vram_mb, reserve_ram_mb=settings.memory.reserve_ram_mb
+        reserve_vram_mb=reserve_vram_mb,
+        reserve_ram_mb=settings.memory.reserve_ram_mb,
+        limits=device_limits(settings),
     )
     return Placement(settings, probe, ledger)
 

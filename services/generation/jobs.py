@@ -96,6 +96,7 @@ class Job:
     finished_at: float | None = None
     position: int | None = None  # 0 running, n waiting (1 is next), None when done
     eta_s: float | None = None  # seconds until it is expected to finish, while not done
+    device: str | None = None  # the device whose line it waits in or it runs on
     size: float | None = field(default=None, repr=False)  # the request's size (sizing.py)
     cancel_event: threading.Event = field(default_factory=threading.Event, repr=False)
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -206,16 +207,21 @@ class JobService:
     async def _check_it_can_ever_fit(
         self, kind: str, params: GenerationParams, shape: PipelineShape
     ) -> None:
-        view = await self.pipelines.placement.view()
-        p = self.pipelines.predict(kind, view.device, params, shape)
-        most = view.budget.capacity_mb - view.budget.reserve_mb
-        if p.need.source == "learned" and p.need.mb > most:
-            raise InvalidRequest(
-                p.size.field,
+        placement = self.pipelines.placement
+        snap = await placement.snapshot()
+        refusals = []
+        for device in placement.allowed(snap, self.pipelines.config(kind).device):
+            budget = placement.view_of(snap, device=device).budget
+            p = self.pipelines.predict(kind, device, params, shape)
+            most = budget.capacity_mb - budget.reserve_mb
+            if p.need.source != "learned" or p.need.mb <= most:
+                return  # some device could hold it
+            refusals.append(
                 f"{p.size.text} is predicted to need {p.need.mb:.0f} MB of {p.need.memory} "
-                f"(learned from measured runs); {view.device} can never give more than "
-                f"{most:.0f} MB",
+                f"(learned from measured runs); {device} can never give more than "
+                f"{most:.0f} MB"
             )
+        raise InvalidRequest(p.size.field, "; ".join(refusals))
 
     def _predict(self, job: Job, device: str) -> TaskNeed:
         """The gate's figure for this job on ``device`` (kept on the job for learning)."""
@@ -243,10 +249,14 @@ class JobService:
             job.position, job.eta_s = 0, self._remaining_s(job)
             return job
         queue = self.gate.queue()
-        ahead = [e for e in queue if e.ticket != job.id]
-        mine = next((e.position for e in queue if e.ticket == job.id), len(queue) + 1)
+        entry = next((e for e in queue if e.ticket == job.id), None)
+        device = entry.device if entry is not None else None
+        job.device = device or job.device
+        line = [e for e in queue if device is None or e.device == device]  # its device's line
+        ahead = [e for e in line if e.ticket != job.id]
+        mine = entry.position if entry is not None else len(line) + 1
         job.position = mine
-        eta = self._running_left_s()
+        eta = self._running_left_s(device)
         for entry in ahead[: mine - 1]:
             other = self.jobs.get(entry.ticket or "")
             eta += self._duration_s(other.kind if other else entry.kind or "", other)
@@ -264,12 +274,20 @@ class JobService:
             return round(elapsed / done * (total - done), 2)
         return round(max(0.0, self._duration_s(job.kind, job) - elapsed), 2)
 
-    def _running_left_s(self) -> float:
-        running = next((j for j in self.jobs.values() if j.status == "running"), None)
+    def _running_left_s(self, device: str | None = None) -> float:
+        """Seconds until the task running on ``device`` (any, when None) is done."""
+        running = next(
+            (
+                j
+                for j in self.jobs.values()
+                if j.status == "running" and (device is None or j.device == device)
+            ),
+            None,
+        )
         if running is not None:
             return self._remaining_s(running)
-        current = self.gate.current
-        return max(0.0, self.gate.mean_task_s - current.running_s) if current else 0.0
+        tasks = [t for t in self.gate.running() if device is None or t.device == device]
+        return max(0.0, self.gate.mean_task_s - tasks[0].running_s) if tasks else 0.0
 
     def queue_drain_s(self) -> float:
         """Seconds until the running job and every waiting one are done, predicted from
@@ -320,6 +338,7 @@ class JobService:
                 job.started_at = time.time()
                 self._publish("job.started", job)
                 job.gate = task.decision
+                job.device = task.device
                 job.timings_ms.queued = round(task.queued_ms, 1)
                 result = await self._run_with_retry(job, task.device, reason)
             job.outputs = [
@@ -363,11 +382,11 @@ class JobService:
             log.warning("CUDA out of memory in %s: retrying once with memory savers", reason)
             if job.predicted is not None:
                 self.pipelines.record_oom(job.predicted)
-        await self.gate.recover_from_oom(job.kind, reason)
+        await self.gate.recover_from_oom(job.kind, reason, device=device)
         try:
             return await self._run_pipeline(job, device, savers=True)
         except PipelineOOM as exc:
-            after = (await self.pipelines.placement.view()).budget
+            after = (await self.pipelines.placement.view(device=device)).budget
             need = job.predicted.need.mb if job.predicted is not None else None
             raise InsufficientMemory(
                 f"{job.kind} ran out of VRAM even with memory savers and nothing else loaded",

@@ -29,6 +29,8 @@ from services.settings import PipelineSettings, Settings
 
 log = logging.getLogger("edison.generation")
 
+HostKey = tuple[str, str]  # (kind, device)
+
 
 @dataclasses.dataclass(frozen=True)
 class PredictedNeed:
@@ -43,16 +45,26 @@ class PredictedNeed:
 class PipelineRegistry:
     """One per app. Async API; every blocking call goes to a thread."""
 
-    def __init__(self, settings: Settings, placement: Placement) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        placement: Placement,
+        *,
+        run_device: Callable[[str], str] | None = None,
+    ) -> None:
         self.settings = settings
         self.placement = placement
         self.learned = placement.learned
-        self.hosts: dict[str, PipelineHost] = {}
+        # One host per kind and device: with several GPUs, two image tasks run at once.
+        self.hosts: dict[HostKey, PipelineHost] = {}
         self._shapes: dict[str, PipelineShape] = {}
-        # Why a set of kinds and no lock: only the event loop reads and writes it; a
-        # thread runs the pipeline while the kind is in it.
-        self._running: set[str] = set()
-        self._held: dict[str, Reservation] = {}  # ledger entries of loaded pipelines
+        # Why a set and no lock: only the event loop reads and writes it; a thread runs
+        # the pipeline while its key is in it.
+        self._running: set[HostKey] = set()
+        self._held: dict[HostKey, Reservation] = {}  # ledger entries of loaded pipelines
+        # The torch device a placed device runs on: itself, except on a simulated
+        # many-GPU host (tests, bench/multi_gpu.py), where every "cuda:N" runs on the CPU.
+        self.run_device = run_device or (lambda device: device)
         self._reaper: asyncio.Task[None] | None = None
         # (kind, predicted MB, measured MB) of each learned prediction, for the metrics
         self.on_measured: Callable[[str, float, float], None] | None = None
@@ -61,13 +73,24 @@ class PipelineRegistry:
         return getattr(self.settings.generation, kind)
 
     def host(self, kind: str, device: str) -> PipelineHost:
-        """The host of ``kind`` on ``device`` (a new one if the device changed)."""
-        host = self.hosts.get(kind)
-        if host is None or host.device != device:
+        """The host of ``kind`` on ``device`` (made on first use)."""
+        host = self.hosts.get((kind, device))
+        if host is None:
             cfg = self.config(kind)
-            host = PipelineHost(kind, cfg.pipeline, device, self.settings.server.outputs_dir)
-            self.hosts[kind] = host
+            host = PipelineHost(
+                kind, cfg.pipeline, self.run_device(device), self.settings.server.outputs_dir
+            )
+            self.hosts[(kind, device)] = host
         return host
+
+    def host_of(self, kind: str) -> PipelineHost | None:
+        """A host of ``kind``: the loaded one first (with one device, the only one)."""
+        hosts = [h for (k, _), h in self.hosts.items() if k == kind]
+        return next((h for h in hosts if h.loaded), hosts[0] if hosts else None)
+
+    def loaded_on(self, kind: str, device: str) -> bool:
+        host = self.hosts.get((kind, device))
+        return host is not None and host.loaded
 
     def model_key(self, kind: str, device: str) -> str:
         """Which learned model a run belongs to: folder (resolved), dtype, device."""
@@ -78,15 +101,16 @@ class PipelineRegistry:
     def describe(self) -> list[PipelineInfo]:
         return [
             dataclasses.replace(
-                h.describe(running=k in self._running),
-                memory_model=self.learned.view(self.model_key(k, h.device)),
+                h.describe(running=key in self._running),
+                device=key[1],
+                memory_model=self.learned.view(self.model_key(*key)),
             )
-            for k, h in self.hosts.items()
+            for key, h in self.hosts.items()
         ]
 
     def longest_clip_s(self, kind: str) -> float | None:
         """The loaded pipeline's longest audio clip, when it has one."""
-        host = self.hosts.get(kind)
+        host = self.host_of(kind)
         return host.longest_clip_s() if host is not None else None
 
     # ---- memory --------------------------------------------------------------------
@@ -108,8 +132,7 @@ class PipelineRegistry:
         cfg = self.config(kind)
         size = request_size(shape, params)
         key = self.model_key(kind, device)
-        host = self.hosts.get(kind)
-        if host is not None and host.loaded and host.device == device:
+        if self.loaded_on(kind, device):
             resident = 0.0
         else:
             bytes_per = 2 if load_dtype(device) == "float16" else 4
@@ -153,21 +176,20 @@ class PipelineRegistry:
             )
         await anyio.to_thread.run_sync(self.learned.save)
 
-    def _hold(self, kind: str, host: PipelineHost) -> None:
+    def _hold(self, key: HostKey, host: PipelineHost) -> None:
         """Keep the ledger's entry for a loaded pipeline equal to what it holds."""
-        res = self._held.get(kind)
+        res = self._held.get(key)
         if not host.loaded or host.resident_mb is None:
-            self._release(kind)
+            self._release(key)
             return
-        if res is None or res.device != host.device:
-            self._release(kind)
-            res = self._held[kind] = self.placement.ledger.reserve(
-                host.device, host.resident_mb, f"pipeline:{kind}", "pipeline"
+        if res is None:
+            res = self._held[key] = self.placement.ledger.reserve(
+                key[1], host.resident_mb, f"pipeline:{key[0]}", "pipeline"
             )
         self.placement.ledger.settle(res, host.resident_mb)
 
-    def _release(self, kind: str) -> None:
-        self.placement.ledger.release(self._held.pop(kind, None))
+    def _release(self, key: HostKey) -> None:
+        self.placement.ledger.release(self._held.pop(key, None))
 
     # ---- running -------------------------------------------------------------------
     async def run(
@@ -193,14 +215,15 @@ class PipelineRegistry:
             savers=savers,
             write=write,
         )
-        self._running.add(kind)
+        key = (kind, device)
+        self._running.add(key)
         try:
             # Why not abandon on cancel: the thread owns the pipeline; the caller's gate
             # must stay held until it really stops (cancel through should_cancel instead).
             result = await anyio.to_thread.run_sync(call)
         finally:
-            self._running.discard(kind)
-            self._hold(kind, host)
+            self._running.discard(key)
+            self._hold(key, host)
         if predicted is not None and not savers:  # savers change the peak: not this model
             await self._learn(kind, host, result, predicted)
         return result
@@ -210,16 +233,20 @@ class PipelineRegistry:
         no load and no kernel warm-up. Learns nothing (a first run is not typical)."""
         return await self.run(kind, device, params, write=False)
 
-    async def _unload(self, kind: str, host: PipelineHost) -> None:
+    async def _unload(self, key: HostKey, host: PipelineHost) -> None:
         await anyio.to_thread.run_sync(host.unload)
-        self._release(kind)
+        self._release(key)
 
-    async def unload_idle(self, keep: str = "") -> list[str]:
-        """Unload every loaded pipeline that is not running and not ``keep``."""
+    async def unload_idle(self, keep: str = "", device: str | None = None) -> list[str]:
+        """Unload every loaded pipeline that is not running and not ``keep`` (on ``device``
+        only, when given)."""
         freed = []
-        for kind, host in list(self.hosts.items()):
-            if kind != keep and kind not in self._running and host.loaded:
-                await self._unload(kind, host)
+        for key, host in list(self.hosts.items()):
+            kind, on = key
+            if device is not None and on != device:
+                continue
+            if kind != keep and key not in self._running and host.loaded:
+                await self._unload(key, host)
                 freed.append(kind)
         return freed
 
@@ -229,18 +256,22 @@ class PipelineRegistry:
     async def shutdown(self) -> None:
         if self._reaper:
             self._reaper.cancel()
-        for kind, host in self.hosts.items():
+        for key, host in self.hosts.items():
             if host.loaded:
-                await self._unload(kind, host)
+                await self._unload(key, host)
 
     async def _reap(self) -> None:
         """Release pipelines idle longer than their keep_alive_s."""
         while True:
             await asyncio.sleep(1.0)
             now = time.time()
-            for kind, host in list(self.hosts.items()):
-                keep = self.config(kind).keep_alive_s
-                idle = kind not in self._running and now - host.last_used_at >= keep
+            for key, host in list(self.hosts.items()):
+                keep = self.config(key[0]).keep_alive_s
+                idle = key not in self._running and now - host.last_used_at >= keep
                 if host.loaded and idle:
-                    log.info("Pipeline %s idle %.0f s: unloading", kind, now - host.last_used_at)
-                    await self._unload(kind, host)
+                    log.info(
+                        "Pipeline %s on %s idle %.0f s: unloading",
+                        *key,
+                        now - host.last_used_at,
+                    )
+                    await self._unload(key, host)

@@ -12,6 +12,7 @@ can quote the whole request.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ import httpx
 
 from services.errors import ContextLengthExceeded, UpstreamError, UpstreamRejected
 from services.llm.chat_checks import Fit, fit, fit_from_length, prepare_request, prompt_text
+from services.llm.images import ImageLimits, check_images, check_urls, image_parts
 from services.llm.manager import ModelManager
 from services.llm.records import Resolution
 
@@ -76,6 +78,8 @@ class ChatRouting:
     # max_tokens as sent when Edison lowered the request's to what the context leaves
     # after the prompt (or set it, when the request gave none); None: sent as asked.
     max_tokens_clamped_to: int | None = None
+    device: str | None = None  # where the answering worker is placed
+    residency_wait_s: float | None = None  # waited for a heavy model's min residency
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,8 @@ class ChatProxy:
 
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
+        self.vision = manager.settings.models.vision
+        self.image_limits = ImageLimits.from_settings(self.vision)
         # Why no read timeout: a long generation streams for minutes; a dead worker is
         # noticed by its supervisor and the connection then breaks.
         self.client = httpx.AsyncClient(
@@ -167,6 +173,16 @@ class ChatProxy:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def _checked(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request as the worker takes it (``chat_checks``), its images checked (and
+        remote ones fetched, where allowed); InvalidRequest naming the field otherwise."""
+        return (await check_images(prepare_request(body), self.image_limits, self.client)).body
+
+    async def check_image_urls(self, urls: list[str], field: str) -> list[str]:
+        """Image URLs given apart from messages (the swarm's ``images``), checked as a
+        chat's are: the URLs to hand a worker."""
+        return await check_urls(urls, field, self.image_limits, self.client)
 
     def _prepare(self, body: dict[str, Any], res: Resolution) -> dict[str, Any]:
         out = copy.copy(body)
@@ -181,8 +197,12 @@ class ChatProxy:
         The worker's tokenizer counts the prompt unless its length alone decides."""
         out = self._prepare(body, res)
         prompt = prompt_text(out)
+        if res.tier == "vision" and self.vision is not None:
+            n_images = len(image_parts(out["messages"]))
+            prompt = dataclasses.replace(prompt, image_tokens=n_images * self.vision.image_tokens)
         requested = out.get("max_tokens")
-        n_ctx = res.model.n_ctx
+        # A llama-server slot holds its share of the context, not all of it.
+        n_ctx = res.model.slot_ctx or res.model.n_ctx
         done = fit_from_length(prompt, requested, n_ctx, tier=res.tier)
         if done is None:
             tokens = await self._count_tokens(prompt.text, res)
@@ -191,16 +211,22 @@ class ChatProxy:
         return out, done
 
     async def _count_tokens(self, text: str, res: Resolution) -> int:
-        """Tokens of ``text`` by the worker's own tokenizer (llama_cpp.server's
-        ``POST /extras/tokenize/count``, ``{"input": text}``; BOS included)."""
+        """Tokens of ``text`` by the worker's own tokenizer, BOS included:
+        llama_cpp.server's ``POST /extras/tokenize/count`` (``{"input": text}``), or
+        llama-server's ``POST /tokenize`` (``{"content": text, "add_special": true}``)."""
+        server = res.model.backend == "llama-server"
+        path, body = (
+            ("/tokenize", {"content": text, "add_special": True})
+            if server
+            else ("/extras/tokenize/count", {"input": text})
+        )
         try:
-            r = await self.client.post(
-                f"{res.model.base_url}/extras/tokenize/count", json={"input": text}
-            )
+            r = await self.client.post(f"{res.model.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
             raise self._broke_off(res, exc) from exc
         await self._raise_for_upstream(r, res)
-        return int(r.json()["count"])
+        data = r.json()
+        return len(data["tokens"]) if server else int(data["count"])
 
     @staticmethod
     def _broke_off(res: Resolution, exc: Exception) -> UpstreamError:
@@ -213,7 +239,13 @@ class ChatProxy:
     @staticmethod
     def _routing(route: Route, res: Resolution, done: Fit) -> ChatRouting:
         return ChatRouting(
-            res.tier, route.requested, route.reason, res.fallback_reason, done.clamped_to
+            res.tier,
+            route.requested,
+            route.reason,
+            res.fallback_reason,
+            done.clamped_to,
+            "+".join(res.model.devices or (res.model.device,)),
+            res.residency_wait_s,
         )
 
     async def _raise_for_upstream(self, r: httpx.Response, res: Resolution) -> None:
@@ -232,9 +264,14 @@ class ChatProxy:
         text = str(err.get("message") or "")
         # Prompt text stays below INFO; the full message is for debugging only.
         log.debug("the %s worker answered %d: %.4000s", res.tier, r.status_code, text or raw)
-        if err.get("code") == "context_length_exceeded":
+        # llama_cpp.server's code, llama-server's type for the same refusal.
+        if (
+            err.get("code") == "context_length_exceeded"
+            or err.get("type") == "exceed_context_size_error"
+        ):
+            n_ctx = res.model.slot_ctx or res.model.n_ctx
             raise ContextLengthExceeded(
-                one_line(text), tier=res.tier, n_ctx=res.model.n_ctx, param=err.get("param")
+                one_line(text), tier=res.tier, n_ctx=n_ctx, param=err.get("param")
             )
         detail = parsed.get("detail") if isinstance(parsed, dict) else None
         # The worker's own request validation: FastAPI's 422 detail, or a pydantic
@@ -255,7 +292,7 @@ class ChatProxy:
 
     async def complete(self, body: dict[str, Any]) -> ChatCompletion:
         """A non-streaming chat completion on the tier the request routes to."""
-        body = prepare_request(body)
+        body = await self._checked(body)
         route = choose_tier(body.get("model"), has_images(body["messages"]))
         async with self.manager.use(route.tier) as res:
             data, done = await self._post(body, res)
@@ -264,7 +301,7 @@ class ChatProxy:
     async def complete_on(self, res: Resolution, body: dict[str, Any]) -> ChatCompletion:
         """A non-streaming completion on a tier the caller already holds in use (the
         swarm holds one per group): no second resolution, no second load."""
-        body = prepare_request(body)
+        body = await self._checked(body)
         route = Route(body.get("model") or res.requested, res.tier, "held by the caller")
         data, done = await self._post(body, res)
         return ChatCompletion(data, self._routing(route, res, done))
@@ -286,7 +323,7 @@ class ChatProxy:
         Errors before the first byte raise here (so the caller can answer with a status);
         errors after it end the stream with an SSE error event.
         """
-        body = prepare_request(body)
+        body = await self._checked(body)
         route = choose_tier(body.get("model"), has_images(body["messages"]))
         use = self.manager.use(route.tier)
         res = await use.__aenter__()

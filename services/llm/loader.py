@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -20,7 +21,14 @@ import anyio
 from services.errors import ModelLoadFailed
 from services.llm.records import LoadAttempt, LoadedModel, TierState
 from services.llm.worker import LlamaWorker, WorkerSpec, WorkerStartFailed
-from services.memory.gguf_estimate import Estimate, InvalidModelFile, estimate, read_gguf_info
+from services.memory.devices import LoadOption, SplitPlan, choose_load_device, split_plan
+from services.memory.gguf_estimate import (
+    Estimate,
+    GGUFInfo,
+    InvalidModelFile,
+    estimate,
+    read_gguf_info,
+)
 from services.memory.ledger import CPU
 from services.memory.placement import (
     Placement,
@@ -35,6 +43,27 @@ from services.settings import Settings
 log = logging.getLogger("edison.models")
 
 OnExit = Callable[[LlamaWorker, int], None]
+
+
+@dataclass(frozen=True)
+class DeviceCandidate:
+    """A device a load may go to; ``evicts`` is the heavy tier that must leave it first,
+    giving back ``extra_mb``."""
+
+    device: str
+    extra_mb: float = 0.0
+    evicts: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Where a load goes, and why (logged as ``placed on ... because ...``)."""
+
+    device: str  # where the ledger books it; the first card of a split
+    because: str
+    evicts: tuple[str, ...] = ()  # heavy tiers to unload first
+    split: SplitPlan | None = None
+    split_rung: int = 0
 
 
 class LadderLoader:
@@ -56,27 +85,111 @@ class LadderLoader:
         self.python = python
         self.worker_env = worker_env
 
-    async def load(self, tier: TierState) -> LoadedModel:
-        """Load ``tier`` at the first rung that fits, walking down on failures.
+    async def _info(self, tier: TierState) -> GGUFInfo:
+        try:
+            return await anyio.to_thread.run_sync(read_gguf_info, Path(tier.cfg.path))
+        except InvalidModelFile as exc:
+            tier.attempts.append(LoadAttempt(-1, 0, 0, 0, False, exc.message, 0))
+            raise
+
+    async def plan(self, tier: TierState, candidates: Sequence[DeviceCandidate]) -> LoadPlan:
+        """Where ``tier`` should load among ``candidates`` (see ``services/memory/devices``):
+        the device where its best rung fits now, or a split across GPUs when the tier
+        allows it and no single one fits. One candidate: that one, without reading a thing.
+        """
+        if len(candidates) == 1 and not (tier.cfg.allow_split and candidates[0].device != CPU):
+            c = candidates[0]
+            return LoadPlan(c.device, "the only device", (c.evicts,) if c.evicts else ())
+        info = await self._info(tier)
+        snap = await self.placement.snapshot()
+        options, usable = [], {}
+        for c in candidates:
+            budget = self.placement.view_of(snap, device=c.device).budget
+            usable[c.device] = budget.usable_mb + c.extra_mb
+            rungs = self._rungs(tier, info, c.device)
+            overhead = self.placement.worker_overhead_mb(c.device)
+            start = start_rung(
+                info,
+                rungs,
+                usable[c.device],
+                c.device,
+                overhead_mb=overhead,
+                what=tier.name,
+                **self._slots(tier),
+            )
+            heavy = self.placement.heavy_tasks(c.device)
+            options.append(
+                LoadOption(c.device, start.index, start.fits, usable[c.device], heavy, c.evicts)
+            )
+        choice = choose_load_device(options)
+        gpus = [c for c in candidates if c.device != CPU]
+        if not choice.option.fits and tier.cfg.allow_split and len(gpus) > 1:
+            split = self._split(tier, info, gpus, usable)
+            if split is not None:
+                return split
+        evicts = (choice.option.evicts,) if choice.option.evicts else ()
+        return LoadPlan(choice.option.device, choice.because, evicts)
+
+    def _slots(self, tier: TierState) -> dict[str, int]:
+        """The estimate's ``slots`` for a llama-server tier (its KV cache per slot)."""
+        models = self.settings.models
+        if models.backend_of(tier.cfg) != "llama-server":
+            return {}
+        return {"slots": models.parallel_of(tier.cfg)}
+
+    def _rungs(self, tier: TierState, info: GGUFInfo, device: str) -> list[tuple[int, int]]:
+        cfg = tier.cfg
+        return load_rungs(cfg.n_gpu_layers, cfg.n_ctx, self.settings.ladder, info, device)
+
+    def _split(
+        self,
+        tier: TierState,
+        info: GGUFInfo,
+        gpus: Sequence[DeviceCandidate],
+        usable: dict[str, float],
+    ) -> LoadPlan | None:
+        """The first GPU rung whose estimate the GPUs hold together, as a split plan."""
+        overhead = max(self.placement.worker_overhead_mb(c.device) for c in gpus)
+        for i, (n_layers, n_ctx) in enumerate(self._rungs(tier, info, gpus[0].device)):
+            if n_layers == 0:
+                break
+            est = estimate(info, n_layers, n_ctx, **self._slots(tier))
+            sp = split_plan({c.device: usable[c.device] for c in gpus}, est.vram_mb, overhead)
+            if sp is not None:
+                evicts = tuple(c.evicts for c in gpus if c.evicts and c.device in sp.devices)
+                shares = ", ".join(
+                    f"{d} {s:.0%}" for d, s in zip(sp.devices, sp.shares, strict=True)
+                )
+                why = f"no single GPU holds rung {i}: split across {shares}"
+                return LoadPlan(sp.devices[0], why, evicts, split=sp, split_rung=i)
+        return None
+
+    async def load(self, tier: TierState, plan: LoadPlan | None = None) -> LoadedModel:
+        """Load ``tier`` as ``plan`` says (default: on the first device), at the first rung
+        that fits, walking down on failures.
 
         Appends each attempt to ``tier.attempts``; raises InvalidModelFile (a file that
         cannot be loaded at any rung), InsufficientMemory (nothing fits in RAM on a
         CPU-only host) or ModelLoadFailed (every rung failed).
         """
-        path = Path(tier.cfg.path)
-        try:
-            info = await anyio.to_thread.run_sync(read_gguf_info, path)
-        except InvalidModelFile as exc:
-            tier.attempts.append(LoadAttempt(-1, 0, 0, 0, False, exc.message, 0))
-            raise
-        view = await self.placement.view()
+        info = await self._info(tier)
+        view = await self.placement.view(device=plan.device if plan else None)
         device = view.device
-        rungs = load_rungs(
-            tier.cfg.n_gpu_layers, tier.cfg.n_ctx, self.settings.ladder, info, device
-        )
+        rungs = self._rungs(tier, info, device)
         overhead = self.placement.worker_overhead_mb(device)
+        if plan is not None and plan.split is not None:
+            model = await self._try_split(tier, info, rungs, plan, overhead)
+            if model is not None:
+                return model
+            view = await self.placement.view(device=device)
         start = start_rung(
-            info, rungs, view.budget.usable_mb, device, overhead_mb=overhead, what=tier.name
+            info,
+            rungs,
+            view.budget.usable_mb,
+            device,
+            overhead_mb=overhead,
+            what=tier.name,
+            **self._slots(tier),
         )
         if start.index:
             log.info(
@@ -89,9 +202,12 @@ class LadderLoader:
             )
         for i in range(start.index, len(rungs)):
             n_layers, n_ctx = rungs[i]
-            est = estimate(info, n_layers, n_ctx)
+            est = estimate(info, n_layers, n_ctx, **self._slots(tier))
             need = load_need_mb(est, device, overhead)
-            model = await self._try_rung(tier, i, n_layers, n_ctx, est, need, device)
+            because = plan.because if plan is not None else "the only device"
+            model = await self._try_rung(
+                tier, i, n_layers, n_ctx, est, need, device, because=because
+            )
             if model is not None:
                 return model
             if tier.attempts[-1].reason.startswith("missing file"):
@@ -106,6 +222,30 @@ class LadderLoader:
             attempts=[a.__dict__ for a in tier.attempts],
         )
 
+    async def _try_split(
+        self,
+        tier: TierState,
+        info: GGUFInfo,
+        rungs: list[tuple[int, int]],
+        plan: LoadPlan,
+        overhead: float,
+    ) -> LoadedModel | None:
+        split = plan.split
+        assert split is not None
+        n_layers, n_ctx = rungs[plan.split_rung]
+        est = estimate(info, n_layers, n_ctx, **self._slots(tier))
+        return await self._try_rung(
+            tier,
+            plan.split_rung,
+            n_layers,
+            n_ctx,
+            est,
+            split.need_mb[0],
+            plan.device,
+            split,
+            plan.because,
+        )
+
     async def _try_rung(
         self,
         tier: TierState,
@@ -115,8 +255,12 @@ class LadderLoader:
         est: Estimate,
         need_mb: float,
         device: str,
+        split: SplitPlan | None = None,
+        because: str = "the only device",
     ) -> LoadedModel | None:
         cfg = tier.cfg
+        devices = split.devices if split is not None else (device,)
+        on_gpu = device != CPU and n_layers != 0
         spec = WorkerSpec(
             key=tier.name,
             model_path=Path(cfg.path),
@@ -125,14 +269,30 @@ class LadderLoader:
             n_threads=self.settings.models.n_threads,
             chat_format=cfg.chat_format,
             clip_path=getattr(cfg, "clip_path", None),
+            devices=tuple(int(d.split(":")[1]) for d in devices) if on_gpu else None,
+            tensor_split=split.shares if split is not None else None,
+            backend=self.settings.models.backend_of(cfg),
+            parallel=self.settings.models.parallel_of(cfg),
+            binary=self.settings.models.llama_server_binary,
+        )
+        log.info(
+            "Load of %s placed on %s because %s",
+            tier.name,
+            "+".join(devices),
+            because,
         )
         res = self.ledger.reserve(device, need_mb, f"model:{tier.name}", "model")
+        others = [
+            self.ledger.reserve(d, mb, f"model:{tier.name}", "model")
+            for d, mb in zip(devices[1:], split.need_mb[1:] if split else (), strict=False)
+        ]
         worker = LlamaWorker(spec, python=self.python, on_exit=self.on_exit, env=self.worker_env)
         t0 = time.perf_counter()
         try:
             await worker.start(self.settings.models.load_timeout_s)
         except WorkerStartFailed as exc:
-            self.ledger.release(res)
+            for r in (res, *others):
+                self.ledger.release(r)
             why = ("missing file: " if exc.missing_file else "") + exc.reason
             if exc.timed_out:
                 why = f"not ready within {self.settings.models.load_timeout_s:g} s"
@@ -148,7 +308,8 @@ class LadderLoader:
             )
             return None
         except BaseException:
-            self.ledger.release(res)
+            for r in (res, *others):
+                self.ledger.release(r)
             await worker.stop(self.settings.models.unload_timeout_s)
             raise
         ms = (time.perf_counter() - t0) * 1000
@@ -159,7 +320,11 @@ class LadderLoader:
         vram = measured.get(worker.pid) if measured is not None else None
         rss = rss_mb(worker.pid)
         settle = rss if device == CPU else vram
-        if settle is not None:
+        if settle is not None and split is not None:
+            # NVML gives the process's total: booked across the cards by their shares.
+            for r, share in zip((res, *others), split.shares, strict=True):
+                self.ledger.settle(r, settle * share)
+        elif settle is not None:
             self.ledger.settle(res, settle)
             # What this worker cost beyond its estimate teaches the next load's need.
             if device == CPU or spec.n_gpu_layers:
@@ -187,6 +352,11 @@ class LadderLoader:
             ready_ms=round(worker.ready_ms, 1),
             worker=worker,
             reservation=res,
+            split_reservations=tuple(others),
+            devices=devices if on_gpu else (device,),
+            backend=spec.backend,
+            parallel=spec.parallel,
+            slot_ctx=worker.slot_ctx,
         )
         model.idle.set()
         return model

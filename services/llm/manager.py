@@ -17,15 +17,21 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from services.errors import InsufficientMemory, ModelLoadFailed, ModelUnavailable, UnknownTier
+from services.errors import (
+    InsufficientMemory,
+    ModelLoadFailed,
+    ModelUnavailable,
+    ResidencyHold,
+    UnknownTier,
+)
 from services.events import EventBus
-from services.llm.loader import LadderLoader
+from services.llm.loader import DeviceCandidate, LadderLoader
 from services.llm.records import (
     FALLBACKS,
     EagerLoad,
@@ -36,6 +42,7 @@ from services.llm.records import (
     UnloadResult,
 )
 from services.llm.worker import LlamaWorker
+from services.memory.devices import Occupant, residency_hold
 from services.memory.ledger import CPU
 from services.memory.placement import Placement, flush_gpu_memory, wait_gpu_memory_released
 from services.settings import HEAVY_TIERS, TIER_NAMES, Settings
@@ -76,14 +83,31 @@ class ModelManager:
         self._lock = asyncio.Lock()
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # The residency rule's clock and wait (tests give their own).
+        self.clock: Callable[[], float] = time.time
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     # ---- views ---------------------------------------------------------------------
     @property
     def heavy_slot(self) -> str | None:
+        """The heavy tier loaded (the first, when several devices each hold one)."""
         for t in self.tiers.values():
             if t.heavy and t.model is not None and t.alias_of is None:
                 return t.name
         return None
+
+    def heavy_slots(self) -> dict[str, str]:
+        """Each device's heavy slot: device -> the heavy tier loaded there."""
+        slots: dict[str, str] = {}
+        for t in self.tiers.values():
+            if t.heavy and t.model is not None and t.alias_of is None:
+                for d in t.model.devices or (t.model.device,):
+                    slots[d] = t.name
+        return slots
+
+    def models_on(self, device: str) -> list[LoadedModel]:
+        """The running workers placed on ``device``."""
+        return [m for m in self.loaded_models() if m.on(device)]
 
     def loaded_models(self) -> list[LoadedModel]:
         """Every running worker's model (a tier served by another's worker counts once)."""
@@ -140,7 +164,7 @@ class ModelManager:
             if not tier.cfg.preload:
                 outcome[name] = "on demand"
                 continue
-            if tier.heavy and self.heavy_slot not in (None, name):
+            if tier.heavy and not await self._free_heavy_device(tier):
                 outcome[name] = f"skipped: heavy slot holds {self.heavy_slot}"
                 continue
             try:
@@ -153,15 +177,78 @@ class ModelManager:
 
     # ---- loading -------------------------------------------------------------------
     async def load(self, key: str, *, reason: str = "request") -> LoadedModel:
-        """Load a tier (evicting the heavy slot's occupant if needed) and return its model."""
-        tier = self._tier(key)
+        """Load a tier (evicting a heavy slot's occupant if needed) and return its model."""
+        model, _ = await self._load(self._tier(key), reason, chat=False)
+        return model
+
+    async def _load(self, tier: TierState, reason: str, *, chat: bool) -> tuple[LoadedModel, float]:
+        """Load ``tier``; return its model and the seconds waited for a heavy model's
+        residency (``chat``: the residency rule applies, see ``_load_locked``)."""
         model = tier.model
         if model is not None and tier.status == "loaded" and model.worker.alive:
-            return model  # the common case never waits behind another tier's load
-        async with self._lock:
-            return await self._load_locked(tier, reason)
+            return model, 0.0  # the common case never waits behind another tier's load
+        waited = 0.0
+        while True:
+            async with self._lock:
+                try:
+                    return await self._load_locked(tier, reason, chat=chat), waited
+                except ResidencyHold as hold:
+                    limit = self.settings.models.max_residency_wait_s
+                    if waited + hold.wait_s > limit + 1e-9:
+                        raise
+                    wait, why = hold.wait_s, hold.message
+            log.info("Load of %s waits %.1f s: %s", tier.name, wait, why)
+            await self.sleep(wait)
+            waited += wait
 
-    async def _load_locked(self, tier: TierState, reason: str) -> LoadedModel:
+    async def _free_heavy_device(self, tier: TierState) -> bool:
+        """True when some device ``tier`` may use has an empty heavy slot."""
+        snap = await self.placement.snapshot()
+        slots = self.heavy_slots()
+        return any(
+            slots.get(d) in (None, tier.name) for d in self.placement.allowed(snap, tier.cfg.device)
+        )
+
+    async def _candidates(self, tier: TierState, *, chat: bool) -> list[DeviceCandidate]:
+        """The devices ``tier`` may load on now, with what each would evict.
+
+        A heavy tier takes a device's heavy slot: a device whose slot holds another heavy
+        model is a candidate that evicts it, unless ``chat`` and that model is younger
+        than ``models.min_residency_s`` on a host with several devices. With every slot
+        so held, ResidencyHold says how long until one may be evicted.
+        """
+        snap = await self.placement.snapshot()
+        allowed = self.placement.allowed(snap, tier.cfg.device)
+        if not tier.heavy:
+            return [DeviceCandidate(d) for d in allowed]
+        slots = self.heavy_slots()
+        occupied = {d: self.tiers[t] for d, t in slots.items() if d in allowed and t != tier.name}
+        min_res = self.settings.models.min_residency_s
+        several = len(self.placement.devices(snap)) > 1
+        check = residency_hold(
+            [Occupant(d, t.name, t.model.loaded_at) for d, t in occupied.items() if t.model],
+            self.clock(),
+            min_res if chat and several else 0.0,
+        )
+        out = []
+        for d in allowed:
+            occupant = occupied.get(d)
+            if occupant is None:
+                out.append(DeviceCandidate(d))
+            elif d in check.evictable and occupant.model is not None:
+                held = sum(r.mb for r in occupant.model.reservations if r.device == d)
+                out.append(DeviceCandidate(d, held, occupant.name))
+        if not out:
+            young = ", ".join(f"{occupied[d].name} on {d}" for d in check.held)
+            raise ResidencyHold(
+                f"{tier.name}: heavy slots hold {young}, loaded less than {min_res:g} s ago; "
+                f"{check.wait_s:.1f} s to wait",
+                tier=tier.name,
+                wait_s=check.wait_s,
+            )
+        return out
+
+    async def _load_locked(self, tier: TierState, reason: str, *, chat: bool) -> LoadedModel:
         if tier.model is not None and tier.model.worker.alive:
             return tier.model
         twin = self._twin(tier)
@@ -173,12 +260,20 @@ class ModelManager:
                 twin.name,
             )
             return twin.model  # type: ignore[return-value]
-        if tier.heavy and (occupant := self.heavy_slot) not in (None, tier.name):
-            await self._unload_locked(self.tiers[occupant], f"heavy slot wanted by {tier.name}")
-        tier.status, tier.last_error, tier.attempts = "loading", None, []
+        tier.last_error, tier.attempts = None, []
+        try:
+            plan = await self.loader.plan(tier, await self._candidates(tier, chat=chat))
+        except Exception as exc:
+            tier.last_error = getattr(exc, "message", None) or str(exc)
+            raise
+        for occupant in plan.evicts:
+            await self._unload_locked(
+                self.tiers[occupant], f"heavy slot on {plan.device} wanted by {tier.name}"
+            )
+        tier.status = "loading"
         self._publish("model.loading", tier)
         try:
-            model = await self.loader.load(tier)
+            model = await self.loader.load(tier, plan)
         except Exception as exc:
             tier.status = "failed"
             tier.last_error = getattr(exc, "message", None) or str(exc)
@@ -222,7 +317,8 @@ class ModelManager:
         for tier in self.tiers.values():
             if tier.model is not None and tier.model.worker is worker:
                 if tier.alias_of is None:
-                    self.ledger.release(tier.model.reservation)
+                    for r in tier.model.reservations:
+                        self.ledger.release(r)
                 tier.model, tier.alias_of, tier.status = None, None, "unloaded"
                 tier.last_error = f"worker exited with code {code}: {worker.stderr_tail(3)[-300:]}"
                 log.warning(
@@ -242,12 +338,12 @@ class ModelManager:
                 reasons.append(f"{name}: not configured")
                 continue
             try:
-                model = await self.load(name)
-            except (ModelLoadFailed, InsufficientMemory) as exc:
+                model, waited = await self._load(self.tiers[name], "request", chat=True)
+            except (ModelLoadFailed, InsufficientMemory, ResidencyHold) as exc:
                 reasons.append(f"{name}: {exc.message}")
                 continue
             why = "; ".join(reasons) if name != key else None
-            return Resolution(key, name, model, why)
+            return Resolution(key, name, model, why, round(waited, 3) if waited else None)
         if key not in self.tiers and not fallback:
             self._tier(key)
         raise ModelUnavailable(
@@ -281,31 +377,51 @@ class ModelManager:
         async with self._lock:
             return await self._unload_locked(tier, reason)
 
-    async def unload_heavy_slot(self, *, reason: str = "request") -> UnloadResult:
+    async def unload_heavy_slot(
+        self, *, reason: str = "request", device: str | None = None
+    ) -> UnloadResult:
+        """Unload the heavy model (on ``device`` only, when given)."""
         async with self._lock:
-            slot = self.heavy_slot
+            slot = self.heavy_slots().get(device) if device else self.heavy_slot
             if slot is None:
                 return UnloadResult()
-            return await self._unload_locked(self.tiers[slot], reason)
+            tier = self.tiers[slot]
+            if tier.model is not None and device is not None:
+                age = self.clock() - tier.model.loaded_at
+                if age < self.settings.models.min_residency_s:
+                    log.info(
+                        "Evicting %s from %s %.1f s after its load, within min_residency_s: "
+                        "%s outranks residency",
+                        slot,
+                        device,
+                        age,
+                        reason,
+                    )
+            return await self._unload_locked(tier, reason, device=device)
 
-    async def unload_all(self, *, reason: str = "request") -> UnloadResult:
-        """End every worker, then flush (gc, torch.cuda.empty_cache where CUDA)."""
+    async def unload_all(
+        self, *, reason: str = "request", device: str | None = None
+    ) -> UnloadResult:
+        """End every worker (those placed on ``device`` only, when given), then flush (gc,
+        torch.cuda.empty_cache where CUDA)."""
         async with self._lock:
-            before = await self._free_mb()
+            before = await self._free_mb(device)
             unloaded: list[str] = []
             held, settling = 0.0, False
             for tier in self.tiers.values():
+                if device is not None and (tier.model is None or not tier.model.on(device)):
+                    continue
                 if tier.model is not None and tier.alias_of is None:
                     out = await self._unload_locked(tier, reason, measure=False)
                     unloaded += out.unloaded
                     held += out.held_mb
                     settling = settling or out.settling
             await anyio.to_thread.run_sync(flush_gpu_memory)
-            freed = max(0.0, await self._free_mb() - before) if unloaded else 0.0
+            freed = max(0.0, await self._free_mb(device) - before) if unloaded else 0.0
             return UnloadResult(unloaded, round(freed, 1), round(held, 1), settling)
 
     async def _unload_locked(
-        self, tier: TierState, reason: str, *, measure: bool = True
+        self, tier: TierState, reason: str, *, measure: bool = True, device: str | None = None
     ) -> UnloadResult:
         model = tier.model
         if model is None:
@@ -313,7 +429,8 @@ class ModelManager:
         if tier.alias_of is not None:
             tier.model, tier.alias_of, tier.status = None, None, "unloaded"
             return UnloadResult([tier.name])
-        before = await self._free_mb() if measure else 0.0
+        device = device or model.device
+        before = await self._free_mb(device) if measure else 0.0
         if model.active:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DRAIN_TIMEOUT_S):
@@ -339,9 +456,10 @@ class ModelManager:
                 self.settings.memory.recovery_poll_s,
             )
             settling = released is not True  # unconfirmed: the driver's figure may lag
-        held = model.reservation.mb
-        self.ledger.release(model.reservation)
-        freed = max(0.0, await self._free_mb() - before) if measure else 0.0
+        held = sum(r.mb for r in model.reservations)
+        for r in model.reservations:
+            self.ledger.release(r)
+        freed = max(0.0, await self._free_mb(device) - before) if measure else 0.0
         log.info(
             "Model unloaded: tier=%s reason=%s held=%.0fMB freed=%.0fMB",
             tier.name,
@@ -351,9 +469,10 @@ class ModelManager:
         )
         return UnloadResult(names, round(freed, 1), round(held, 1), settling)
 
-    async def _free_mb(self) -> float:
-        """Driver-reported free memory on the work device (RAM available on the CPU)."""
-        return (await self.placement.view()).budget.driver_free_mb
+    async def _free_mb(self, device: str | None = None) -> float:
+        """Driver-reported free memory on ``device`` (default: the first; RAM available on
+        the CPU)."""
+        return (await self.placement.view(device=device)).budget.driver_free_mb
 
     def ensure_loaded_soon(self, key: str) -> None:
         """Bring a tier back in the background (used after heavy tasks)."""

@@ -59,12 +59,26 @@ class LoadedModel:
     ready_ms: float
     worker: LlamaWorker = field(repr=False)
     reservation: Reservation = field(repr=False)
+    # A model split across GPUs: the other cards' entries, and every card it is on.
+    split_reservations: tuple[Reservation, ...] = field(default=(), repr=False)
+    devices: tuple[str, ...] = ()
+    backend: str = "llama-cpp-python"
+    parallel: int = 1  # requests the worker serves at once (llama-server slots)
+    slot_ctx: int = 0  # the context one request may fill (n_ctx / slots on llama-server)
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def base_url(self) -> str:
         return self.worker.base_url
+
+    @property
+    def reservations(self) -> tuple[Reservation, ...]:
+        return (self.reservation, *self.split_reservations)
+
+    def on(self, device: str) -> bool:
+        """True when this model is placed on ``device`` (one of its cards, when split)."""
+        return device in (self.devices or (self.device,))
 
 
 @dataclass
@@ -147,3 +161,4 @@ class Resolution:
     tier: str
     model: LoadedModel
     fallback_reason: str | None = None
+    residency_wait_s: float | None = None  # waited for a heavy model's min residency

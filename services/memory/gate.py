@@ -25,9 +25,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
-from services.errors import InsufficientMemory, QueueFull, QueueTimeout
+from services.errors import InsufficientMemory
 from services.events import EventBus
-from services.memory.gate_records import GateDecision, GateState, HeavyTask, QueueEntry
+from services.memory.devices import TaskOption, UnloadCost, choose_task_device
+from services.memory.gate_queue import Lane
+from services.memory.gate_records import (
+    GateDecision,
+    GateState,
+    HeavyTask,
+    LaneState,
+    QueueEntry,
+)
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import (
     DeviceView,
@@ -36,9 +44,18 @@ from services.memory.placement import (
     flush_gpu_memory,
     task_need,
 )
-from services.settings import Settings
+from services.memory.probe import MemorySnapshot
+from services.settings import KINDS, Settings
 
-__all__ = ["GateDecision", "GateState", "HeavyTask", "MemoryGate", "QueueEntry", "ceiling_mb"]
+__all__ = [
+    "GateDecision",
+    "GateState",
+    "HeavyTask",
+    "LaneState",
+    "MemoryGate",
+    "QueueEntry",
+    "ceiling_mb",
+]
 
 if TYPE_CHECKING:
     from services.llm.manager import ModelManager
@@ -49,7 +66,9 @@ log = logging.getLogger("edison.gate")
 class IdlePipelines(Protocol):
     """What the gate needs of the pipeline registry: unload those not running."""
 
-    async def unload_idle(self, keep: str = "") -> list[str]: ...
+    async def unload_idle(self, keep: str = "", device: str | None = None) -> list[str]: ...
+
+    def loaded_on(self, kind: str, device: str) -> bool: ...
 
 
 def ceiling_mb(budget: DeviceBudget) -> float:
@@ -78,13 +97,9 @@ class MemoryGate:
         self.ledger = placement.ledger
         self.models = models
         self.pipelines = pipelines
-        # Why a hand-made FIFO and not asyncio.Lock: the queue must be bounded
-        # (queue.max_waiting -> 503), observable (/system/memory shows its length) and
-        # hand the slot over in arrival order even when a waiter times out or is cancelled.
-        self._busy = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._entries: dict[asyncio.Future[None], tuple[str, str | None, str | None, float]] = {}
-        self.current: HeavyTask | None = None
+        # One line (FIFO + heavy slot) per device, made on first use.
+        self._lanes: dict[str, Lane] = {}
+        self._placing = asyncio.Lock()
         self.decisions: deque[GateDecision] = deque(maxlen=20)
         self.outcomes: dict[str, int] = {}
         self._mean_task_s = 10.0
@@ -93,18 +108,61 @@ class MemoryGate:
         self._background: set[asyncio.Task[None]] = set()
         # Seconds until the running and waiting tasks are done (set by the job service).
         self.queue_drain_s: Callable[[], float] | None = None
+        placement.heavy_tasks = self.tasks_on  # a tie-breaker of where loads go
+
+    # ---- lanes ---------------------------------------------------------------------
+    def lane(self, device: str) -> Lane:
+        """The line of ``device`` (created on first use)."""
+        lane = self._lanes.get(device)
+        if lane is None:
+            lane = self._lanes[device] = Lane(
+                device,
+                max_waiting=lambda: self.settings.queue.max_waiting,
+                max_wait_s=lambda: self.settings.queue.max_wait_s,
+                retry_after_s=self.retry_after_s,
+                count=self._count,
+            )
+        return lane
+
+    def tasks_on(self, device: str) -> int:
+        """Heavy tasks running or waiting on ``device``."""
+        lane = self._lanes.get(device)
+        return lane.load if lane is not None else 0
+
+    @property
+    def _busy(self) -> bool:
+        return any(lane.busy for lane in self._lanes.values())
+
+    @property
+    def current(self) -> HeavyTask | None:
+        """A running task (the first device's, when several run)."""
+        return next((ln.current for ln in self._lanes.values() if ln.current), None)
+
+    def running(self) -> list[HeavyTask]:
+        """Every running task, one per busy device."""
+        return [ln.current for ln in self._lanes.values() if ln.current is not None]
 
     # ---- views ---------------------------------------------------------------------
     @property
     def queue_length(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
+        return sum(lane.queue_length for lane in self._lanes.values())
 
     def queue(self) -> list[QueueEntry]:
-        """Who waits, in the order they will run."""
-        waiting = [self._entries[f] for f in self._waiters if not f.done() and f in self._entries]
-        return [QueueEntry(i, *entry) for i, entry in enumerate(waiting, start=1)]
+        """Who waits, device by device, each in the order they will run there."""
+        return [e for lane in self._lanes.values() for e in lane.queue()]
+
+    def lane_state(self, device: str) -> LaneState:
+        """The line and heavy slot of ``device`` (idle and empty before its first task)."""
+        lane = self._lanes.get(device)
+        slot = self.models.heavy_slots().get(device)
+        if lane is None:
+            return LaneState(device, "idle", None, 0, slot)
+        return LaneState(
+            device, "busy" if lane.busy else "idle", lane.current, lane.queue_length, slot
+        )
 
     def describe(self) -> GateState:
+        lanes = [self.lane_state(d) for d in sorted(self._lanes)]
         return GateState(
             state="busy" if self._busy else "idle",
             current=self.current,
@@ -113,6 +171,7 @@ class MemoryGate:
             max_waiting=self.settings.queue.max_waiting,
             outcomes=dict(self.outcomes),
             last_decisions=list(self.decisions)[-10:],
+            devices=lanes,
         )
 
     @property
@@ -128,58 +187,47 @@ class MemoryGate:
             return max(1.0, self.queue_drain_s())
         return max(1.0, self._mean_task_s * (self.queue_length + 1))
 
-    # ---- queue ---------------------------------------------------------------------
-    async def _acquire(
-        self, reason: str = "", kind: str | None = None, ticket: str | None = None
-    ) -> float:
-        """Wait for the gate in FIFO order; return the ms waited."""
-        t0 = time.perf_counter()
-        if not self._busy and not self.queue_length:
-            self._busy = True
-            return 0.0
-        if self.queue_length >= self.settings.queue.max_waiting:
-            self._count("queue_full")
-            raise QueueFull(
-                f"The heavy-task queue is full ({self.queue_length} waiting)",
-                retry_after_s=self.retry_after_s(),
-                queue_length=self.queue_length,
-                max_waiting=self.settings.queue.max_waiting,
-            )
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._entries[fut] = (reason, kind, ticket, time.time())
-        try:
-            async with asyncio.timeout(self.settings.queue.max_wait_s):
-                await fut
-        except BaseException as exc:
-            if fut.done() and not fut.cancelled():
-                self._release()  # the slot was handed to us as we gave up: pass it on
-            else:
-                fut.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
-            self._entries.pop(fut, None)
-            if isinstance(exc, TimeoutError):
-                self._count("queue_timeout")
-                raise QueueTimeout(
-                    f"Waited {self.settings.queue.max_wait_s:g} s for the GPU without a turn",
-                    retry_after_s=self.retry_after_s(),
-                    queue_length=self.queue_length,
-                ) from None
-            raise
-        self._entries.pop(fut, None)
-        return (time.perf_counter() - t0) * 1000
-
-    def _release(self) -> None:
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # hand over: _busy stays True
-                return
-        self._busy = False
-
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    # ---- placement -----------------------------------------------------------------
+    async def _place(
+        self, kind: str | None, need_of: Callable[[str], TaskNeed]
+    ) -> tuple[str, str, MemorySnapshot]:
+        """The device a task goes to (see ``devices.choose_task_device``), why, and the
+        snapshot it was decided on."""
+        snap = await self.placement.snapshot()
+        pinned: int | str = "auto"
+        if kind in KINDS:
+            pinned = getattr(self.settings.generation, kind).device
+        devices = self.placement.allowed(snap, pinned)
+        if len(devices) == 1:
+            return devices[0], "the only device", snap
+        options = []
+        for d in devices:
+            budget = self.placement.view_of(snap, device=d).budget
+            models = [
+                (m, sum(r.mb for r in m.reservations if r.device == d))
+                for m in self.models.models_on(d)
+            ]
+            models = [(m, mb) for m, mb in models if mb > 0]
+            cost = UnloadCost(
+                any(m.key == "fast" for m, _ in models), len(models), sum(mb for _, mb in models)
+            )
+            loaded = self.pipelines is not None and kind is not None
+            options.append(
+                TaskOption(
+                    d,
+                    need_of(d).mb,
+                    budget.usable_mb,
+                    ceiling_mb(budget),
+                    self.tasks_on(d),
+                    loaded and self.pipelines.loaded_on(kind or "", d),  # type: ignore[union-attr]
+                    cost,
+                )
+            )
+        choice = choose_task_device(options)
+        return choice.option.device, choice.because, snap
 
     # ---- the gate itself -----------------------------------------------------------
     async def pre_heavy_task(
@@ -189,14 +237,19 @@ class MemoryGate:
         *,
         required_ram_mb: float | None = None,
         keep_pipeline: str | None = None,
+        device: str | None = None,
     ) -> GateDecision:
-        """Make room for a task on its device (see the module docstring for the steps).
+        """Make room for a task on ``device`` (default: the first; see the module
+        docstring for the steps).
 
         The documented entry point for a caller that runs its own task; ``heavy_task``
         does this and more (queue, reservation, clean-up)."""
-        view = await self.placement.view()
+        view = await self.placement.view(device=device)
         need = task_need(view.device, required_vram_mb, required_ram_mb)
         return await self._make_room(need, reason, view, keep_pipeline=keep_pipeline)
+
+    def _several(self, view: DeviceView) -> bool:
+        return len(self.placement.devices(view.snapshot)) > 1
 
     async def _make_room(
         self,
@@ -206,6 +259,7 @@ class MemoryGate:
         *,
         own: Reservation | None = None,
         keep_pipeline: str | None = None,
+        because: str = "the only device",
     ) -> GateDecision:
         """Unload, in order, what stands between the task and its need; decide.
 
@@ -214,6 +268,9 @@ class MemoryGate:
         could free is refused at once, unloading nothing."""
         t0 = time.perf_counter()
         before = budget = view.budget
+        device = view.device
+        # With one device every model is on it: unload by device only among several.
+        scope = device if len(self._lanes) > 1 or self._several(view) else None
         ceiling = ceiling_mb(before)
         actions: list[str] = []
         settling = False  # an unload whose memory the driver may not show back yet
@@ -223,7 +280,7 @@ class MemoryGate:
             nonlocal budget
             if action:
                 actions.append(action)
-            budget = (await self.placement.view(exclude=own)).budget
+            budget = (await self.placement.view(exclude=own, device=device)).budget
             return budget.usable_mb >= need.mb
 
         ok = budget.usable_mb >= need.mb
@@ -234,15 +291,16 @@ class MemoryGate:
             )
         else:
             if not ok and self.pipelines is not None:
-                freed = await self.pipelines.unload_idle(keep_pipeline or "")
+                freed = await self.pipelines.unload_idle(keep_pipeline or "", device=scope)
                 if freed:
                     ok = await enough_after(f"unloaded idle pipelines: {', '.join(freed)}")
-            if not ok and self.models.heavy_slot is not None:
-                out = await self.models.unload_heavy_slot(reason=f"gate: {reason}")
+            slot = self.models.heavy_slots().get(device) if scope else self.models.heavy_slot
+            if not ok and slot is not None:
+                out = await self.models.unload_heavy_slot(reason=f"gate: {reason}", device=scope)
                 settling = settling or out.settling
                 ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
-            if not ok and self.models.loaded_models():
-                out = await self.models.unload_all(reason=f"gate: {reason}")
+            if not ok and (self.models.models_on(device) if scope else self.models.loaded_models()):
+                out = await self.models.unload_all(reason=f"gate: {reason}", device=scope)
                 settling = settling or out.settling
                 self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
                 ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
@@ -267,6 +325,7 @@ class MemoryGate:
             actions=actions or (["enough memory"] if ok else ["nothing to unload"]),
             budget=budget,
             ceiling_mb=round(ceiling, 1),
+            placed_because=because,
         )
         self._record(decision)
         return decision
@@ -276,7 +335,8 @@ class MemoryGate:
         log.log(
             logging.INFO if d.ok else logging.WARNING,
             "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB (%s%s) "
-            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s",
+            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s "
+            "placed because %s",
             d.ok,
             d.freed_mb,
             d.reason,
@@ -289,6 +349,7 @@ class MemoryGate:
             d.budget.held_mb,
             d.budget.reserve_mb,
             "; ".join(d.actions),
+            d.placed_because,
         )
         self.decisions.append(d)
         if self.events is not None:
@@ -306,15 +367,18 @@ class MemoryGate:
             self._unloaded_fast = False
             self.models.ensure_loaded_soon("fast")
 
-    async def recover_from_oom(self, kind: str, reason: str) -> list[str]:
-        """A ``kind`` run hit CUDA OOM: unload every model and every other pipeline before
-        its retry. Returns what was done."""
+    async def recover_from_oom(
+        self, kind: str, reason: str, *, device: str | None = None
+    ) -> list[str]:
+        """A ``kind`` run hit CUDA OOM (on ``device``): unload every model and every other
+        pipeline there before its retry. Returns what was done."""
         actions = []
+        scope = device if len(self._lanes) > 1 else None
         if self.pipelines is not None:
-            freed = await self.pipelines.unload_idle(kind)
+            freed = await self.pipelines.unload_idle(kind, device=scope)
             if freed:
                 actions.append(f"unloaded pipelines: {', '.join(freed)}")
-        out = await self.models.unload_all(reason=f"OOM in {reason}")
+        out = await self.models.unload_all(reason=f"OOM in {reason}", device=scope)
         if out.unloaded:
             self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
             actions.append(f"unloaded all models: {', '.join(out.unloaded)}")
@@ -341,18 +405,37 @@ class MemoryGate:
 
         ``need_on(device)`` predicts the task's need on the device it will run on (a
         request-sized prediction); without it the given figures stand."""
-        queued_ms = await self._acquire(reason, kind, ticket)
+
+        def need_of(device: str) -> TaskNeed:
+            if need_on is not None:
+                return need_on(device)
+            return task_need(device, required_vram_mb, required_ram_mb)
+
+        # Why a lock: placement probes in a thread; without it a later task could join a
+        # line before an earlier one whose probe was slower. asyncio.Lock wakes in FIFO
+        # order, so tasks join their lines in the order they arrived.
+        async with self._placing:
+            device, because, snap = await self._place(kind, need_of)
+            lane = self.lane(device)
+            turn = lane.join(reason, kind, ticket)
+        waited = await lane.wait(turn) if turn is not None else None
+        queued_ms = waited or 0.0
         res: Reservation | None = None
         t_start = time.monotonic()
         try:
-            view = await self.placement.view()
-            if need_on is not None:
-                need = need_on(view.device)
+            # A free lane decides on the snapshot placement took: one probe in all.
+            if waited is None:
+                view = self.placement.view_of(snap, device=device)
             else:
-                need = task_need(view.device, required_vram_mb, required_ram_mb)
+                view = await self.placement.view(device=device)
+            need = need_of(device)
+            if because != "the only device":
+                log.info("Heavy task %r placed on %s because %s", reason, device, because)
             # Reserved before making room, so no model load can take the room we make.
             res = self.ledger.reserve(need.device, need.mb, f"task:{reason}", "task")
-            decision = await self._make_room(need, reason, view, own=res, keep_pipeline=kind)
+            decision = await self._make_room(
+                need, reason, view, own=res, keep_pipeline=kind, because=because
+            )
             if not decision.ok:
                 raise InsufficientMemory(
                     f"Not enough {need.memory} for {reason}: {need.mb:.0f} MB required "
@@ -368,17 +451,17 @@ class MemoryGate:
             task = HeavyTask(
                 reason, kind, need.device, need.mb, queued_ms, decision, reservation=res
             )
-            self.current = task
+            lane.current = task
             try:
                 yield task
             finally:
-                self.current = None
+                lane.current = None
                 elapsed = time.monotonic() - t_start
                 self._mean_task_s = 0.8 * self._mean_task_s + 0.2 * elapsed
         finally:
             self.ledger.release(res)
             # Shielded: a cancelled request must still hand the slot on and clean up.
-            self._release()
+            lane.release()
             post = asyncio.create_task(
                 self._flush_and_restore_quietly(), name="edison-post-heavy-task"
             )

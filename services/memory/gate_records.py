@@ -26,6 +26,7 @@ class GateDecision:
     budget: DeviceBudget  # the figures of the last check: capacity, driver free, held, reserve
     ceiling_mb: float  # the most that unloading everything Edison holds could make usable
     at: float = field(default_factory=time.time)
+    placed_because: str = "the only device"  # why the task went to this device
 
 
 @dataclass
@@ -55,6 +56,18 @@ class QueueEntry:
     kind: str | None
     ticket: str | None  # the job id, when a job waits
     queued_at: float
+    device: str = ""  # the device whose line it waits in
+
+
+@dataclass(frozen=True)
+class LaneState:
+    """One device's line and heavy slot, as /system/memory shows them."""
+
+    device: str
+    state: str  # idle | busy
+    current: HeavyTask | None
+    queue_length: int
+    heavy_slot: str | None  # the heavy LLM tier loaded on this device
 
 
 @dataclass
@@ -68,3 +81,4 @@ class GateState:
     max_waiting: int
     outcomes: dict[str, int]  # decisions and refusals since start, by outcome
     last_decisions: list[GateDecision]
+    devices: list[LaneState] = field(default_factory=list)  # one line per device

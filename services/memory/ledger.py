@@ -53,12 +53,27 @@ class DeviceBudget:
         return max(0.0, min(self.driver_free_mb, self.capacity_mb - self.held_mb) - self.reserve_mb)
 
 
+@dataclass(frozen=True)
+class DeviceLimit:
+    """One GPU's own reserve and cap, where they differ from every GPU's."""
+
+    reserve_vram_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
 class MemoryLedger:
     """Thread-safe book of reservations per device. One per app."""
 
-    def __init__(self, *, reserve_vram_mb: float, reserve_ram_mb: float) -> None:
+    def __init__(
+        self,
+        *,
+        reserve_vram_mb: float,
+        reserve_ram_mb: float,
+        limits: dict[str, DeviceLimit] | None = None,
+    ) -> None:
         self.reserve_vram_mb = reserve_vram_mb
         self.reserve_ram_mb = reserve_ram_mb
+        self.limits = dict(limits or {})  # "cuda:1" -> its own reserve and cap
         # Why: loads run in threads and tasks in the event loop; all of them read and
         # write the book. The lock is held for dictionary updates only, never for I/O.
         self._lock = threading.Lock()
@@ -107,7 +122,14 @@ class MemoryLedger:
             return DeviceBudget(
                 CPU, snapshot.ram_total_mb, snapshot.ram_available_mb, held, self.reserve_ram_mb
             )
+        limit = self.limits.get(device, DeviceLimit())
+        reserve = self.reserve_vram_mb if limit.reserve_vram_mb is None else limit.reserve_vram_mb
         gpu = snapshot.gpu(int(device.split(":")[1]))
         if gpu is None:
-            return DeviceBudget(device, 0.0, 0.0, held, self.reserve_vram_mb)
-        return DeviceBudget(device, gpu.total_mb, gpu.free_mb, held, self.reserve_vram_mb)
+            return DeviceBudget(device, 0.0, 0.0, held, reserve)
+        total, free = gpu.total_mb, gpu.free_mb
+        if limit.vram_budget_mb is not None and limit.vram_budget_mb < total:
+            # As memory.vram_budget_mb does in the probe: the card as if it had this much.
+            free = max(0.0, min(free, limit.vram_budget_mb - (total - free)))
+            total = limit.vram_budget_mb
+        return DeviceBudget(device, total, free, held, reserve)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import anyio
 from services.errors import InsufficientMemory
 from services.memory.gguf_estimate import Estimate, GGUFInfo, estimate, ladder
 from services.memory.learning import LearnedMemory, WorkerOverheadView
-from services.memory.ledger import CPU, DeviceBudget, MemoryLedger, Reservation
+from services.memory.ledger import CPU, DeviceBudget, DeviceLimit, MemoryLedger, Reservation
 from services.memory.probe import MemorySnapshot
 from services.settings import LadderSettings, Settings
 
@@ -46,6 +46,33 @@ WORKER_RAM_MB = 80.0
 def work_device(snapshot: MemorySnapshot, gpu_index: int) -> str:
     """The device work runs on: ``cuda:<index>`` when that GPU exists, else ``cpu``."""
     return f"cuda:{gpu_index}" if snapshot.gpu(gpu_index) is not None else CPU
+
+
+def configured_gpus(settings: Settings, snapshot: MemorySnapshot) -> list[int]:
+    """The GPU indices Edison places work on that this snapshot sees, in order."""
+    mem = settings.memory
+    if mem.devices == "auto":
+        return [g.index for g in snapshot.gpus]
+    wanted = mem.devices if mem.devices is not None else [mem.device]
+    return [i for i in wanted if snapshot.gpu(i) is not None]
+
+
+def device_limits(settings: Settings) -> dict[str, DeviceLimit]:
+    """``memory.per_device`` as the ledger reads it."""
+    return {
+        f"cuda:{i}": DeviceLimit(lim.reserve_vram_mb, lim.vram_budget_mb)
+        for i, lim in settings.memory.per_device.items()
+    }
+
+
+def ledger_for(settings: Settings) -> MemoryLedger:
+    """The app's ledger: the reserves and per-device limits of ``settings.memory``."""
+    mem = settings.memory
+    return MemoryLedger(
+        reserve_vram_mb=mem.reserve_vram_mb,
+        reserve_ram_mb=mem.reserve_ram_mb,
+        limits=device_limits(settings),
+    )
 
 
 @dataclass(frozen=True)
@@ -82,17 +109,49 @@ class Placement:
             overhead_prior_mb=mem.worker_overhead_prior_mb,
         )
 
-    async def view(self, *, exclude: Reservation | None = None) -> DeviceView:
-        """Probe (in a thread: NVML or nvidia-smi may block) and budget the work device.
+        # Heavy tasks running or queued per device (the gate sets it): a tie-breaker of
+        # load placement.
+        self.heavy_tasks: Callable[[str], int] = lambda device: 0
+
+    async def snapshot(self) -> MemorySnapshot:
+        """One probe, in a thread (NVML or nvidia-smi may block)."""
+        return await anyio.to_thread.run_sync(self.probe.snapshot)
+
+    async def view(
+        self, *, exclude: Reservation | None = None, device: str | None = None
+    ) -> DeviceView:
+        """Probe and budget ``device`` (default: the first device Edison places on).
 
         ``exclude`` leaves one reservation out, so its holder sees what it may use.
         """
-        snap = await anyio.to_thread.run_sync(self.probe.snapshot)
-        return self.view_of(snap, exclude=exclude)
+        return self.view_of(await self.snapshot(), exclude=exclude, device=device)
 
-    def view_of(self, snap: MemorySnapshot, *, exclude: Reservation | None = None) -> DeviceView:
-        device = work_device(snap, self.settings.memory.device)
+    def view_of(
+        self,
+        snap: MemorySnapshot,
+        *,
+        exclude: Reservation | None = None,
+        device: str | None = None,
+    ) -> DeviceView:
+        device = device or self.devices(snap)[0]
         return DeviceView(snap, self.ledger.budget(snap, device, exclude=exclude))
+
+    def views_of(self, snap: MemorySnapshot) -> list[DeviceView]:
+        """Every device Edison places on, budgeted from one snapshot."""
+        return [DeviceView(snap, self.ledger.budget(snap, d)) for d in self.devices(snap)]
+
+    def devices(self, snap: MemorySnapshot) -> list[str]:
+        """The devices work may go to: the configured GPUs this snapshot sees, else the CPU."""
+        return [f"cuda:{i}" for i in configured_gpus(self.settings, snap)] or [CPU]
+
+    def allowed(self, snap: MemorySnapshot, pinned: int | str) -> list[str]:
+        """The devices a tier or pipeline pinned to ``pinned`` (an index or ``auto``) may
+        use: that GPU when the snapshot sees it, else every device (a config written for
+        another host still runs)."""
+        every = self.devices(snap)
+        if isinstance(pinned, int) and snap.gpu(pinned) is not None:
+            return [f"cuda:{pinned}"]
+        return every
 
     def worker_overhead_mb(self, device: str) -> float:
         """What an LLM worker needs on ``device`` beyond its GGUF estimate: learned from

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from services.generation.jobs import Job
 from services.generation.pipelines import PipelineInfo
 from services.llm.records import LoadedModel
-from services.memory.gate import GateState
+from services.memory.gate import GateState, LaneState
 from services.memory.learning import WorkerOverheadView
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import Placement
@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from services.generation.registry import PipelineRegistry
     from services.llm.manager import ModelManager
     from services.memory.gate import MemoryGate
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """One device Edison places work on: its budget, its line and its heavy slot."""
+
+    budget: DeviceBudget
+    worker_overhead: WorkerOverheadView
+    lane: LaneState
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class MemoryReport:
     gate: GateState
     pipelines: list[PipelineInfo]
     jobs: list[Job]  # generation jobs not done: running first, then by place in line
+    devices: list[DeviceReport]  # every device placed on (the first is ``device``)
 
 
 async def memory_report(
@@ -69,4 +79,8 @@ async def memory_report(
         gate=gate.describe(),
         pipelines=pipelines.describe(),
         jobs=jobs.active(),
+        devices=[
+            DeviceReport(v.budget, placement.worker_overhead(v.device), gate.lane_state(v.device))
+            for v in placement.views_of(snap)
+        ],
     )

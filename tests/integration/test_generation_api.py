@@ -71,7 +71,7 @@ def test_image_png_at_the_asked_size(gen_settings, live_server) -> None:
     # The operator sees the pipeline that now holds memory, and what it holds.
     memory = httpx.get(f"{server.url}/system/memory", timeout=30).json()
     [image] = memory["pipelines"]
-    host = server.app.state.pipelines.hosts["image"]
+    host = server.app.state.pipelines.host_of("image")
     assert image["kind"] == "image" and image["loaded"] is True and image["running"] is False
     assert image["device"] == "cpu" and image["dtype"] == "float32" and image["savers"] is False
     assert image["weights_mb"] == host.weights_mb > 0 and image["loads"] == 1
@@ -338,7 +338,7 @@ def test_oom_once_is_retried_with_savers_and_fast_comes_back(
         )
         assert r.status_code == 200, r.text
         assert calls["n"] == 2
-        host = client.app.state.pipelines.hosts["image"]
+        host = client.app.state.pipelines.host_of("image")
         assert host.describe().savers is True
         m = wait_until(
             lambda: (m := models.tiers["fast"].model) is not None and m.pid != first_pid and m,

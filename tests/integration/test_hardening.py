@@ -140,7 +140,7 @@ def test_ready_waits_for_the_generation_stack_and_health_answers_meanwhile(
         gate.set()
         wait_ready(client)
         assert "image warmed in" in client.get("/ready").json()["detail"]
-        host = client.app.state.pipelines.hosts["image"]
+        host = client.app.state.pipelines.host_of("image")
         assert host.loaded and host.loads == 1
         assert not any(settings.server.outputs_dir.glob("*"))  # the warm-up wrote nothing
         r = client.post("/generate-image", json={"prompt": "x", "width": 32, "height": 32})

@@ -56,7 +56,13 @@ class ScriptedModels:
     def loaded_models(self) -> list[str]:
         return (["medium"] if self.heavy_slot else []) + (["fast"] if self.fast else [])
 
-    async def unload_heavy_slot(self, reason: str) -> UnloadResult:
+    def heavy_slots(self) -> dict[str, str]:
+        return {"cuda:0": self.heavy_slot} if self.heavy_slot else {}
+
+    def models_on(self, device: str) -> list[str]:
+        return self.loaded_models() if device == "cuda:0" else []
+
+    async def unload_heavy_slot(self, reason: str, device: str | None = None) -> UnloadResult:
         self.calls.append("heavy")
         self.target -= self.heavy_mb
         self.probe.set_used(self.target, self.lag)
@@ -64,7 +70,7 @@ class ScriptedModels:
         self._drop("medium")
         return UnloadResult(["medium"], 0, self.heavy_mb, settling=bool(self.lag))
 
-    async def unload_all(self, reason: str) -> UnloadResult:
+    async def unload_all(self, reason: str, device: str | None = None) -> UnloadResult:
         self.calls.append("all")
         gone = self.loaded_models()
         freed = (self.heavy_mb if self.heavy_slot else 0) + (self.fast_mb if self.fast else 0)

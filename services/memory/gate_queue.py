@@ -1,0 +1,126 @@
+"""One device's line for the memory gate: a bounded FIFO and the heavy slot it guards.
+
+Each device Edison places heavy tasks on has one lane, so a task on cuda:1 never waits
+behind one on cuda:0. The gate (``gate.py``) decides which lane a task joins and what
+room it makes; a lane only hands out turns in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.errors import QueueFull, QueueTimeout
+from services.memory.gate_records import HeavyTask, QueueEntry
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    reason: str
+    kind: str | None
+    ticket: str | None
+    queued_at: float
+
+
+class Lane:
+    """The FIFO of one device. Event-loop only: no thread touches it."""
+
+    def __init__(
+        self,
+        device: str,
+        *,
+        max_waiting: Callable[[], int],
+        max_wait_s: Callable[[], float],
+        retry_after_s: Callable[[], float],
+        count: Callable[[str], None],
+    ) -> None:
+        self.device = device
+        self._max_waiting = max_waiting
+        self._max_wait_s = max_wait_s
+        self._retry_after_s = retry_after_s
+        self._count = count
+        # Why a hand-made FIFO and not asyncio.Lock: the queue must be bounded
+        # (queue.max_waiting -> 503), observable (/system/memory shows its length) and
+        # hand the slot over in arrival order even when a waiter times out or is cancelled.
+        self.busy = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._entries: dict[asyncio.Future[None], _Waiting] = {}
+        self.current: HeavyTask | None = None
+
+    @property
+    def queue_length(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    @property
+    def load(self) -> int:
+        """Tasks running or waiting here: what task placement weighs."""
+        return self.queue_length + (1 if self.busy else 0)
+
+    def queue(self) -> list[QueueEntry]:
+        """Who waits here, in the order they will run (position 1 is next)."""
+        waiting = [self._entries[f] for f in self._waiters if not f.done() and f in self._entries]
+        return [
+            QueueEntry(i, w.reason, w.kind, w.ticket, w.queued_at, self.device)
+            for i, w in enumerate(waiting, start=1)
+        ]
+
+    def join(
+        self, reason: str = "", kind: str | None = None, ticket: str | None = None
+    ) -> asyncio.Future[None] | None:
+        """Take the lane when it is free (None), else a place at the end of its line (a
+        future that :meth:`wait` awaits). Synchronous, so joins keep the callers' order."""
+        if not self.busy and not self.queue_length:
+            self.busy = True
+            return None
+        if self.queue_length >= self._max_waiting():
+            self._count("queue_full")
+            raise QueueFull(
+                f"The heavy-task queue of {self.device} is full ({self.queue_length} waiting)",
+                retry_after_s=self._retry_after_s(),
+                queue_length=self.queue_length,
+                max_waiting=self._max_waiting(),
+                device=self.device,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._entries[fut] = _Waiting(reason, kind, ticket, time.time())
+        return fut
+
+    async def wait(self, fut: asyncio.Future[None]) -> float:
+        """Wait for the turn :meth:`join` gave; return the ms waited."""
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._max_wait_s()):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed to us as we gave up: pass it on
+            else:
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            self._entries.pop(fut, None)
+            if isinstance(exc, TimeoutError):
+                self._count("queue_timeout")
+                raise QueueTimeout(
+                    f"Waited {self._max_wait_s():g} s for {self.device} without a turn",
+                    retry_after_s=self._retry_after_s(),
+                    queue_length=self.queue_length,
+                    device=self.device,
+                ) from None
+            raise
+        self._entries.pop(fut, None)
+        return (time.perf_counter() - t0) * 1000
+
+    def release(self) -> None:
+        """Hand the lane to the next waiter, or mark it free."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # hand over: busy stays True
+                return
+        self.busy = False
