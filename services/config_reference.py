@@ -71,11 +71,22 @@ def config_reference() -> str:
     lines += [
         "",
         "Each tier under `models` (`fast`, `medium`, `deep`, `reasoning`, `vision`) "
-        "takes these keys; `vision` also takes `clip_path`:",
+        "takes these keys; `vision` also takes the `models.vision` keys after them (a key "
+        "listed again there has vision's own default):",
         "",
     ]
     tier_rows = _rows(TierSettings, "models.<tier>.")
-    tier_rows += [r for r in _rows(VisionTierSettings, "models.vision.") if "clip_path" in r]
+    base = TierSettings.model_fields
+    vision_keys = [
+        name
+        for name, info in VisionTierSettings.model_fields.items()
+        if name not in base or info.get_default() != base[name].get_default()
+    ]
+    tier_rows += [
+        r
+        for r in _rows(VisionTierSettings, "models.vision.")
+        if any(r.startswith(f"| `models.vision.{name}`") for name in vision_keys)
+    ]
     lines += head + tier_rows
     lines += ["", "Other `models` keys:", "", *head]
     lines += [

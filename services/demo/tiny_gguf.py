@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+# A list of parts (what the mtmd chat handler renders, an image part turned into its
+# media marker) is joined; a string is as is. No newline follows a block tag, so the
+# result is the same with and without jinja's trim_blocks (the mtmd handler sets it).
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{{ m['content'] if m['content'] is string "
+    "else m['content'] | map(attribute='text') | join('') }}"
+    "\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 WORDS = ["the", "and", "model", "memory", "image", "hello", "world", "edison", "gpu", "fast"]

@@ -306,11 +306,16 @@ class PromptText:
     text: str = ""
     n_bytes: int = 0
     n_messages: int = 0
+    image_tokens: int = 0  # what the request's images take in a vision tier's context
 
     @property
     def template_tokens(self) -> int:
-        """The most tokens the chat template adds around the messages."""
-        return TEMPLATE_FIXED_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * self.n_messages
+        """The most tokens the chat template adds around the messages, images included."""
+        return (
+            TEMPLATE_FIXED_TOKENS
+            + TEMPLATE_TOKENS_PER_MESSAGE * self.n_messages
+            + self.image_tokens
+        )
 
 
 def prompt_text(body: dict[str, Any]) -> PromptText:

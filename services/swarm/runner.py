@@ -167,6 +167,10 @@ class SwarmService:
     async def run(self, run: SwarmRun) -> SwarmResult:
         t_start = time.perf_counter()
         self.validate(run)
+        if run.images:  # checked once (remote ones fetched once), not by every agent
+            run = dataclasses.replace(
+                run, images=await self.chat.check_image_urls(run.images, "images")
+            )
         agents, notes = self._route(run)
         policy = await self.policy.assess(agents)
         if policy.mode == DEGRADED:

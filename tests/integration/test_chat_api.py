@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from services.demo.tiny_gguf import TinyShape, write_tiny_gguf
 from tests.helpers import FakeGpuProbe, wait_ready, wait_until
+from tests.images import data_url, image_bytes, image_message
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +170,7 @@ def test_client_disconnect_closes_the_upstream(chat_settings, long_ctx_model, li
 def test_images_go_to_vision_or_say_who_answered(chat_settings) -> None:
     with TestClient(create_app(chat_settings())) as client:
         wait_ready(client)
-        msg = {"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
-        ]}  # fmt: skip
+        msg = image_message(data_url(image_bytes()))  # no vision tier configured here
         r = client.post(
             "/v1/chat/completions", json={"model": "auto", "messages": [msg], "max_tokens": 4}
         )
