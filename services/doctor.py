@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from services.llm.backend_llama_server import default_binary, inspect_binary
 from services.memory.probe import MemoryProbe, MemorySnapshot, ProbeReport, StepReport
 from services.settings import Settings
 
@@ -28,11 +30,33 @@ class LlamaCppInfo:
 
 
 @dataclass(frozen=True)
+class LlamaServerInfo:
+    """The llama-server binary the llama-server backend runs."""
+
+    path: str
+    usable: bool
+    version: str | None = None
+    gpu_offload: bool = False  # it lists a GPU it can offload to
+    devices: list[str] = field(default_factory=list)
+    reason: str | None = None  # why it cannot run
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend the configuration gives each tier."""
+
+    default: str
+    tiers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DoctorReport:
     snapshot: MemorySnapshot
     probe: ProbeReport
     torch: TorchInfo
     llama_cpp: LlamaCppInfo
+    llama_server: LlamaServerInfo
+    backends: BackendChoice
 
 
 def _torch_info() -> TorchInfo:
@@ -57,6 +81,17 @@ def _llama_info() -> LlamaCppInfo:
     return LlamaCppInfo(True, llama_cpp.__version__, bool(llama_cpp.llama_supports_gpu_offload()))
 
 
+def _llama_server_info(path: Path) -> LlamaServerInfo:
+    b = inspect_binary(path)
+    return LlamaServerInfo(b.path, b.usable, b.version, b.gpu_offload, list(b.devices), b.reason)
+
+
+def _backends(settings: Settings) -> BackendChoice:
+    models = settings.models
+    tiers = {name: models.backend_of(t) for name, t in models.tiers().items()}
+    return BackendChoice(models.backend, tiers)
+
+
 def diagnose(settings: Settings | None = None) -> DoctorReport:
     settings = settings or Settings()
     probe = MemoryProbe(
@@ -69,7 +104,10 @@ def diagnose(settings: Settings | None = None) -> DoctorReport:
         snap = probe.snapshot()
     finally:
         probe.shutdown()
-    return DoctorReport(snap, probe.report, _torch_info(), _llama_info())
+    server = _llama_server_info(settings.models.llama_server_binary or default_binary())
+    return DoctorReport(
+        snap, probe.report, _torch_info(), _llama_info(), server, _backends(settings)
+    )
 
 
 def _backoff_line(step: StepReport) -> str:
@@ -114,4 +152,13 @@ def format_report(report: DoctorReport) -> str:
         lines.append(f"llama-cpp-python {lc.version}: GPU offload built in: {lc.gpu_offload}")
     else:
         lines.append(f"llama-cpp-python: not installed ({lc.reason})")
+    ls = report.llama_server
+    if ls.usable:
+        offload = ", ".join(ls.devices) if ls.devices else "none (CPU build or no GPU)"
+        lines.append(f"llama-server {ls.version} at {ls.path}: GPU offload: {offload}")
+    else:
+        lines.append(f"llama-server: cannot run ({ls.reason})")
+    b = report.backends
+    per_tier = ", ".join(f"{t} {name}" for t, name in b.tiers.items()) or "no tiers"
+    lines.append(f"Worker backend: {b.default} by default; tiers: {per_tier}")
     return "\n".join(lines)

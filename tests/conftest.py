@@ -6,6 +6,7 @@ Helpers that are not fixtures (wait_until, LiveServer, FakeGpuProbe) are in help
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,37 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (tier, shape) in enumerate(DEMO_TIERS.items()):
         write_tiny_gguf(out / f"{tier}.gguf", shape, seed=i)
     return out
+
+
+def _can_build_llama_server() -> bool:
+    compilers = ("c++", "g++", "clang++")
+    return shutil.which("cmake") is not None and any(shutil.which(c) for c in compilers)
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """The llama-server binary `make install` builds into the venv.
+
+    Skips only where it cannot be built (no cmake or C++ compiler); anywhere else a
+    missing binary fails the test: `make test` builds it first.
+    """
+    from services.llm.backend_llama_server import default_binary, inspect_binary
+
+    path = default_binary()
+    info = inspect_binary(path)
+    if info.usable:
+        return path
+    if not _can_build_llama_server():
+        pytest.skip(f"llama-server cannot be built here (no cmake or C++ compiler): {info.reason}")
+    pytest.fail(f"{info.reason}; `make install` (scripts/build_llama_server.sh) builds it")
+
+
+@pytest.fixture(params=["llama-cpp-python", "llama-server"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each worker backend in turn (llama-server: the binary must be there, see above)."""
+    if request.param == "llama-server":
+        request.getfixturevalue("llama_server_bin")
+    return request.param
 
 
 @pytest.fixture

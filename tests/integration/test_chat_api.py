@@ -1,4 +1,9 @@
-"""Chat and model endpoints with real llama.cpp workers on tiny models, on the CPU."""
+"""Chat and model endpoints with real llama.cpp workers on tiny models, on the CPU.
+
+Tests taking the ``backend`` fixture run once per worker backend (llama_cpp.server and
+llama-server): the proxy, streaming, the ``edison`` field and a worker's death must not
+depend on which one serves.
+"""
 
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ def chat_settings(make_settings, tiny_dir):
     return build
 
 
-def test_openai_client_against_v1(chat_settings, live_server) -> None:
-    server = live_server(create_app(chat_settings()))
+def test_openai_client_against_v1(chat_settings, live_server, backend) -> None:
+    server = live_server(create_app(chat_settings(backend=backend)))
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     listed = [m.id for m in client.models.list().data]
     assert listed == ["auto", "fast", "medium"]
@@ -63,11 +68,27 @@ def test_openai_client_against_v1(chat_settings, live_server) -> None:
     assert {m["key"] for m in memory["loaded_models"]} == {"fast", "medium"}
     fast = next(m for m in memory["loaded_models"] if m["key"] == "fast")
     assert fast["n_ctx"] == 256 and fast["pid"] > 0 and fast["port"] > 0 and fast["heavy"] is False
+    assert fast["backend"] == backend and fast["slot_ctx"] == 256
+    # No max_tokens: the worker's own tokenizer counts the prompt (llama_cpp.server's
+    # /extras/tokenize/count, llama-server's /tokenize) and the answer gets the rest.
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "fast", "messages": [{"role": "user", "content": "hello there"}]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    clamped = r.json()["edison"]["max_tokens_clamped_to"]
+    assert 0 < clamped < 256 - 3  # the prompt's tokens, counted, are not in it
+    assert r.json()["usage"]["completion_tokens"] <= clamped + 3
 
 
-def test_stream_passes_chunks_as_they_come(chat_settings, long_ctx_model, live_server) -> None:
+def test_stream_passes_chunks_as_they_come(
+    chat_settings, long_ctx_model, live_server, backend
+) -> None:
     server = live_server(
-        create_app(chat_settings(fast={"path": str(long_ctx_model), "n_ctx": 2048}))
+        create_app(
+            chat_settings(fast={"path": str(long_ctx_model), "n_ctx": 2048}, backend=backend)
+        )
     )
     body = {
         "model": "fast",
@@ -87,8 +108,8 @@ def test_stream_passes_chunks_as_they_come(chat_settings, long_ctx_model, live_s
     assert arrivals[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 
-def test_unknown_tier_and_too_long_prompt(chat_settings) -> None:
-    with TestClient(create_app(chat_settings())) as client:
+def test_unknown_tier_and_too_long_prompt(chat_settings, backend) -> None:
+    with TestClient(create_app(chat_settings(backend=backend))) as client:
         wait_ready(client)
         r = client.post(
             "/v1/chat/completions",
@@ -110,10 +131,12 @@ def test_unknown_tier_and_too_long_prompt(chat_settings) -> None:
 
 
 def test_killed_worker_answers_502_then_recovers(
-    chat_settings, long_ctx_model, live_server
+    chat_settings, long_ctx_model, live_server, backend
 ) -> None:
     server = live_server(
-        create_app(chat_settings(fast={"path": str(long_ctx_model), "n_ctx": 2048}))
+        create_app(
+            chat_settings(fast={"path": str(long_ctx_model), "n_ctx": 2048}, backend=backend)
+        )
     )
     models = server.server.config.app.state.models
     pid = wait_until(lambda: models.tiers["fast"].model, what="fast loaded").pid

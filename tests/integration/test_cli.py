@@ -35,8 +35,18 @@ def test_doctor_reports_every_probe_step_and_the_builds() -> None:
         assert all(s["ok"] is False and s["reason"] for s in steps.values())
     assert report["torch"]["installed"] is True
     assert isinstance(report["llama_cpp"]["gpu_offload"], bool)
+    # Both worker backends: the llama-server binary `make install` builds, its version.
+    server = report["llama_server"]
+    assert server["path"].endswith("bin/llama-server")
+    if server["usable"]:
+        assert server["version"].startswith("version:")
+        assert isinstance(server["gpu_offload"], bool)
+    else:
+        assert "llama-server" in server["reason"]
+    assert report["backends"]["default"] == "llama-cpp-python"
     text = edison("doctor")
     assert "Probe ladder:" in text.stdout and "llama-cpp-python" in text.stdout
+    assert "llama-server" in text.stdout and "Worker backend:" in text.stdout
 
 
 def test_make_demo_writes_what_the_demo_config_needs(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""ModelManager with real llama.cpp workers on tiny GGUF models, on the CPU."""
+"""ModelManager with real llama.cpp workers on tiny GGUF models, on the CPU (tests
+taking the ``backend`` fixture run on llama_cpp.server and on llama-server)."""
 
 from __future__ import annotations
 
@@ -36,15 +37,15 @@ def manager_for(settings, **kw) -> ModelManager:
     return ModelManager(settings, Placement(settings, probe, ledger), **kw)
 
 
-def tiers(tiny_dir: Path, *names: str, **overrides) -> dict:
+def tiers(tiny_dir: Path, *names: str, backend: str = "llama-cpp-python", **overrides) -> dict:
     out = {n: {"path": str(tiny_dir / f"{n}.gguf"), "n_ctx": 256, "preload": False} for n in names}
     for name, extra in overrides.items():
         out[name] = {**out.get(name, {}), **extra}
-    return {**out, "n_threads": 1, "load_timeout_s": 60}
+    return {**out, "n_threads": 1, "load_timeout_s": 60, "backend": backend}
 
 
-async def test_load_then_unload_ends_the_process(make_settings, tiny_dir) -> None:
-    mm = manager_for(make_settings(models=tiers(tiny_dir, "fast")))
+async def test_load_then_unload_ends_the_process(make_settings, tiny_dir, backend) -> None:
+    mm = manager_for(make_settings(models=tiers(tiny_dir, "fast", backend=backend)))
     model = await mm.load("fast")
     try:
         assert psutil.pid_exists(model.pid)
@@ -52,6 +53,12 @@ async def test_load_then_unload_ends_the_process(make_settings, tiny_dir) -> Non
             r = await c.get(f"{model.base_url}/v1/models")
         assert r.status_code == 200
         assert model.n_ctx == 256 and model.rung == 0
+        assert model.backend == backend
+        # llama-server: 4 slots of 64 tokens, each padded to 256 (and capped at the
+        # trained 256); llama_cpp.server: one request, the whole context.
+        assert (model.parallel, model.slot_ctx) == (
+            (4, 256) if backend == "llama-server" else (1, 256)
+        )
         assert model.rss_mb and model.rss_mb > 0
         assert [r.owner for r in mm.ledger.entries()] == ["model:fast"]
     finally:
@@ -158,8 +165,8 @@ async def test_bad_files_fail_without_the_ladder_and_others_serve(
         await mm.unload_all()
 
 
-async def test_killed_worker_is_noticed_and_reloaded(make_settings, tiny_dir) -> None:
-    mm = manager_for(make_settings(models=tiers(tiny_dir, "fast")))
+async def test_killed_worker_is_noticed_and_reloaded(make_settings, tiny_dir, backend) -> None:
+    mm = manager_for(make_settings(models=tiers(tiny_dir, "fast", backend=backend)))
     try:
         first = await mm.load("fast")
         os.kill(first.pid, signal.SIGKILL)
@@ -238,13 +245,37 @@ async def test_idle_heavy_model_is_unloaded_fast_stays(make_settings, tiny_dir) 
         await mm.shutdown()
 
 
-async def test_worker_not_ready_in_time_is_killed(make_settings, tiny_dir) -> None:
-    models = {**tiers(tiny_dir, "fast"), "load_timeout_s": 0.01}
+async def test_worker_not_ready_in_time_is_killed(make_settings, tiny_dir, backend) -> None:
+    models = {**tiers(tiny_dir, "fast", backend=backend), "load_timeout_s": 0.01}
     mm = manager_for(make_settings(models=models, ladder={"gpu_layers": [0], "context": [128]}))
     with pytest.raises(ModelLoadFailed):
         await mm.load("fast")
     attempts = mm.tiers["fast"].attempts
     assert len(attempts) == 2 and all("not ready within" in a.reason for a in attempts)
     assert not [
-        p for p in psutil.Process().children(recursive=True) if "llama_cpp" in " ".join(p.cmdline())
+        p
+        for p in psutil.Process().children(recursive=True)
+        if any(w in " ".join(p.cmdline()) for w in ("llama_cpp", "llama-server"))
     ]
+
+
+async def test_a_broken_llama_server_binary_fails_its_tier_and_others_serve(
+    make_settings, tiny_dir, tmp_path
+) -> None:
+    """medium runs on a llama-server that is not there: it fails once, with that reason
+    (no rung walk: another rung cannot bring a binary), and falls back to fast."""
+    models = tiers(tiny_dir, "fast", "medium", medium={"backend": "llama-server"})
+    models["llama_server_binary"] = str(tmp_path / "absent" / "llama-server")
+    mm = manager_for(make_settings(models=models))
+    try:
+        with pytest.raises(ModelLoadFailed):
+            await mm.load("medium")
+        medium = mm.tiers["medium"]
+        assert medium.status == "failed" and len(medium.attempts) == 1
+        assert "llama-server binary not found" in medium.last_error
+        assert str(tmp_path / "absent" / "llama-server") in medium.last_error
+        res = await mm.resolve("medium")
+        assert res.tier == "fast" and "llama-server binary not found" in res.fallback_reason
+        assert res.model.backend == "llama-cpp-python" and res.model.worker.alive
+    finally:
+        await mm.unload_all()

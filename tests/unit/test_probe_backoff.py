@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from services.doctor import DoctorReport, LlamaCppInfo, TorchInfo, format_report
+from services.doctor import (
+    BackendChoice,
+    DoctorReport,
+    LlamaCppInfo,
+    LlamaServerInfo,
+    TorchInfo,
+    format_report,
+)
 from services.memory.probe import (
     GpuMemory,
     MemoryProbe,
@@ -269,7 +276,12 @@ def test_doctor_shows_a_backed_off_step_and_why(
 ) -> None:
     fake_smi(smi_path, 'echo "NVIDIA-SMI has failed" >&2\nexit 9\n')
     probe = smi_only(new_probe(timeout_s=5, backoff_s=60, backoff_max_s=600))
-    not_here = TorchInfo(False, reason="not here"), LlamaCppInfo(False, reason="not here")
+    not_here = (
+        TorchInfo(False, reason="not here"),
+        LlamaCppInfo(False, reason="not here"),
+        LlamaServerInfo("/nowhere", False, reason="not here"),
+        BackendChoice("llama-cpp-python"),
+    )
     for _ in range(2):
         snap = probe.snapshot()
         text = format_report(DoctorReport(snap, probe.report, *not_here))

@@ -75,6 +75,37 @@ def test_invalid_values_name_file_and_key(tmp_path: Path, data: dict, key: str, 
     assert words in msg
 
 
+def test_worker_backend_per_tier_and_its_slots(tmp_path: Path, tiny_dir: Path) -> None:
+    m = str(tiny_dir / "fast.gguf")
+    data = {
+        "models": {
+            "backend": "llama-server",
+            "llama_server_binary": "bin/llama-server",
+            "fast": {"path": m},
+            "medium": {"path": m, "parallel": 8},
+            "deep": {"path": m, "backend": "llama-cpp-python"},
+        }
+    }
+    s = load_settings(write(tmp_path, data))
+    models = s.models
+    assert models.llama_server_binary == tmp_path / "bin" / "llama-server"  # resolved
+    assert [models.backend_of(t) for t in (models.fast, models.medium, models.deep)] == [
+        "llama-server",
+        "llama-server",
+        "llama-cpp-python",
+    ]
+    assert [models.parallel_of(t) for t in (models.fast, models.medium, models.deep)] == [4, 8, 1]
+    assert load_settings(write(tmp_path, {})).models.backend == "llama-cpp-python"
+    for bad, words in (
+        ({"fast": {"path": m, "parallel": 2}}, "needs backend llama-server"),
+        ({"fast": {"path": m, "backend": "vllm"}}, "llama-server"),
+        ({"fast": {"path": m, "backend": "llama-server", "parallel": 0}}, "greater than"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_settings(write(tmp_path, {"models": bad}))
+        assert "models" in err.value.message and words in err.value.message
+
+
 def test_unreadable_model_path(tmp_path: Path) -> None:
     path = write(tmp_path, {"models": {"medium": {"path": "nowhere.gguf"}}})
     with pytest.raises(ConfigError, match=r"models\.medium\.path: cannot read file"):
