@@ -11,6 +11,7 @@ from gguf import GGUFReader
 
 from app.main import create_app
 from services.demo.assets import DEMO_PROJECTOR, DEMO_TIERS, make_demo_assets, write_vision_pair
+from services.demo.tiny_mmproj import TinyVisionShape, write_tiny_mmproj
 from services.settings import KINDS, load_settings
 from tests.helpers import wait_ready
 from tests.images import data_url, image_bytes, image_message
@@ -190,3 +191,22 @@ def test_swarm_with_an_image_runs_vision_agents_on_vision(vision_settings) -> No
         r = client.post("/swarm", json={**body, "images": [PNG, "data:image/png;base64,@@"]})
         assert r.status_code == 422, r.text
         assert r.json()["error"]["fields"][0]["field"] == "images.1"
+
+
+def test_a_projector_that_does_not_fit_fails_the_image_chat_not_the_service(
+    vision_settings, tmp_path
+) -> None:
+    # Out of 32, for a language model of 64: mtmd refuses it, on the first image only
+    # (llama-cpp-python loads the projector lazily; see docs/vision-projector.md).
+    wrong = write_tiny_mmproj(tmp_path / "wrong.gguf", TinyVisionShape(n_embd_text=32))
+    app = create_app(vision_settings(clip_path=str(wrong)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        r = chat(client, [image_message(PNG)])
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["tier"] == "vision"
+        log = app.state.models.tiers["vision"].model.worker.stderr_tail(200)
+        assert "mismatch between text model (n_embd = 64) and mmproj (n_embd = 32)" in log
+        assert client.get("/health").status_code == 200
+        r = chat(client, [{"role": "user", "content": "hi"}])
+        assert r.status_code == 200 and r.json()["edison"]["tier"] == "fast"
