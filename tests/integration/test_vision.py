@@ -188,6 +188,11 @@ def test_swarm_with_an_image_runs_vision_agents_on_vision(vision_settings) -> No
         assert f["tier"] == "fast" and v["tier"] == "vision" and v.get("fallback_reason") is None
         assert app.state.models.tiers["vision"].loads == 1
 
+        # A vision keyword without an image: the vision agent is on vision too.
+        r = client.post("/swarm", json={**body, "prompt": "What is in the picture?"})
+        assert r.status_code == 200, r.text
+        assert [x["tier"] for x in r.json()["responses"]] == ["fast", "vision"]
+
         r = client.post("/swarm", json={**body, "images": [PNG, "data:image/png;base64,@@"]})
         assert r.status_code == 422, r.text
         assert r.json()["error"]["fields"][0]["field"] == "images.1"
