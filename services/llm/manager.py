@@ -41,8 +41,8 @@ from services.llm.records import (
     TierView,
     UnloadResult,
 )
+from services.llm.slots import heavy_slots, load_candidates
 from services.llm.worker import LlamaWorker
-from services.memory.devices import Occupant, residency_hold
 from services.memory.ledger import CPU
 from services.memory.placement import Placement, flush_gpu_memory, wait_gpu_memory_released
 from services.settings import HEAVY_TIERS, TIER_NAMES, Settings
@@ -98,12 +98,7 @@ class ModelManager:
 
     def heavy_slots(self) -> dict[str, str]:
         """Each device's heavy slot: device -> the heavy tier loaded there."""
-        slots: dict[str, str] = {}
-        for t in self.tiers.values():
-            if t.heavy and t.model is not None and t.alias_of is None:
-                for d in t.model.devices or (t.model.device,):
-                    slots[d] = t.name
-        return slots
+        return heavy_slots(self.tiers.values())
 
     def models_on(self, device: str) -> list[LoadedModel]:
         """The running workers placed on ``device``."""
@@ -210,43 +205,16 @@ class ModelManager:
         )
 
     async def _candidates(self, tier: TierState, *, chat: bool) -> list[DeviceCandidate]:
-        """The devices ``tier`` may load on now, with what each would evict.
-
-        A heavy tier takes a device's heavy slot: a device whose slot holds another heavy
-        model is a candidate that evicts it, unless ``chat`` and that model is younger
-        than ``models.min_residency_s`` on a host with several devices. With every slot
-        so held, ResidencyHold says how long until one may be evicted.
-        """
+        """The devices ``tier`` may load on now (see ``slots.load_candidates``)."""
         snap = await self.placement.snapshot()
-        allowed = self.placement.allowed(snap, tier.cfg.device)
-        if not tier.heavy:
-            return [DeviceCandidate(d) for d in allowed]
-        slots = self.heavy_slots()
-        occupied = {d: self.tiers[t] for d, t in slots.items() if d in allowed and t != tier.name}
-        min_res = self.settings.models.min_residency_s
-        several = len(self.placement.devices(snap)) > 1
-        check = residency_hold(
-            [Occupant(d, t.name, t.model.loaded_at) for d, t in occupied.items() if t.model],
-            self.clock(),
-            min_res if chat and several else 0.0,
+        return load_candidates(
+            tier,
+            self.tiers,
+            self.placement.allowed(snap, tier.cfg.device),
+            now=self.clock(),
+            min_residency_s=self.settings.models.min_residency_s,
+            residency=chat and len(self.placement.devices(snap)) > 1,
         )
-        out = []
-        for d in allowed:
-            occupant = occupied.get(d)
-            if occupant is None:
-                out.append(DeviceCandidate(d))
-            elif d in check.evictable and occupant.model is not None:
-                held = sum(r.mb for r in occupant.model.reservations if r.device == d)
-                out.append(DeviceCandidate(d, held, occupant.name))
-        if not out:
-            young = ", ".join(f"{occupied[d].name} on {d}" for d in check.held)
-            raise ResidencyHold(
-                f"{tier.name}: heavy slots hold {young}, loaded less than {min_res:g} s ago; "
-                f"{check.wait_s:.1f} s to wait",
-                tier=tier.name,
-                wait_s=check.wait_s,
-            )
-        return out
 
     async def _load_locked(self, tier: TierState, reason: str, *, chat: bool) -> LoadedModel:
         if tier.model is not None and tier.model.worker.alive:

@@ -27,7 +27,7 @@ import anyio
 
 from services.errors import InsufficientMemory
 from services.events import EventBus
-from services.memory.devices import TaskOption, UnloadCost, choose_task_device
+from services.memory.devices import UnloadCost
 from services.memory.gate_queue import Lane
 from services.memory.gate_records import (
     GateDecision,
@@ -36,15 +36,16 @@ from services.memory.gate_records import (
     LaneState,
     QueueEntry,
 )
-from services.memory.ledger import DeviceBudget, Reservation
+from services.memory.ledger import Reservation
 from services.memory.placement import (
     DeviceView,
     Placement,
     TaskNeed,
+    TaskPlacement,
+    ceiling_mb,
     flush_gpu_memory,
     task_need,
 )
-from services.memory.probe import MemorySnapshot
 from services.settings import KINDS, Settings
 
 __all__ = [
@@ -69,14 +70,6 @@ class IdlePipelines(Protocol):
     async def unload_idle(self, keep: str = "", device: str | None = None) -> list[str]: ...
 
     def loaded_on(self, kind: str, device: str) -> bool: ...
-
-
-def ceiling_mb(budget: DeviceBudget) -> float:
-    """The most that could be usable on the device if Edison unloaded everything it holds
-    in the ledger: what other programs use (the driver's used memory beyond the ledger)
-    stays, and so does the reserve."""
-    others = max(0.0, budget.capacity_mb - budget.driver_free_mb - budget.held_mb)
-    return max(0.0, budget.capacity_mb - others - budget.reserve_mb)
 
 
 class MemoryGate:
@@ -191,43 +184,25 @@ class MemoryGate:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     # ---- placement -----------------------------------------------------------------
-    async def _place(
-        self, kind: str | None, need_of: Callable[[str], TaskNeed]
-    ) -> tuple[str, str, MemorySnapshot]:
-        """The device a task goes to (see ``devices.choose_task_device``), why, and the
-        snapshot it was decided on."""
-        snap = await self.placement.snapshot()
-        pinned: int | str = "auto"
-        if kind in KINDS:
-            pinned = getattr(self.settings.generation, kind).device
-        devices = self.placement.allowed(snap, pinned)
-        if len(devices) == 1:
-            return devices[0], "the only device", snap
-        options = []
-        for d in devices:
-            budget = self.placement.view_of(snap, device=d).budget
-            models = [
-                (m, sum(r.mb for r in m.reservations if r.device == d))
-                for m in self.models.models_on(d)
-            ]
-            models = [(m, mb) for m, mb in models if mb > 0]
-            cost = UnloadCost(
-                any(m.key == "fast" for m, _ in models), len(models), sum(mb for _, mb in models)
-            )
-            loaded = self.pipelines is not None and kind is not None
-            options.append(
-                TaskOption(
-                    d,
-                    need_of(d).mb,
-                    budget.usable_mb,
-                    ceiling_mb(budget),
-                    self.tasks_on(d),
-                    loaded and self.pipelines.loaded_on(kind or "", d),  # type: ignore[union-attr]
-                    cost,
-                )
-            )
-        choice = choose_task_device(options)
-        return choice.option.device, choice.because, snap
+    async def _place(self, kind: str | None, need_of: Callable[[str], TaskNeed]) -> TaskPlacement:
+        pinned = getattr(self.settings.generation, kind).device if kind in KINDS else "auto"
+        pipes = self.pipelines
+
+        def loaded(device: str) -> bool:
+            return pipes is not None and kind is not None and pipes.loaded_on(kind, device)
+
+        return await self.placement.place_task(
+            pinned, need_of, queued=self.tasks_on, pipeline_loaded=loaded, cost=self._cost_on
+        )
+
+    def _cost_on(self, device: str) -> UnloadCost:
+        """What making room on ``device`` could unload: the LLM workers holding memory there."""
+        held = [
+            (m.key, sum(r.mb for r in m.reservations if r.device == device))
+            for m in self.models.models_on(device)
+        ]
+        held = [(key, mb) for key, mb in held if mb > 0]
+        return UnloadCost(any(k == "fast" for k, _ in held), len(held), sum(mb for _, mb in held))
 
     # ---- the gate itself -----------------------------------------------------------
     async def pre_heavy_task(
@@ -415,7 +390,8 @@ class MemoryGate:
         # line before an earlier one whose probe was slower. asyncio.Lock wakes in FIFO
         # order, so tasks join their lines in the order they arrived.
         async with self._placing:
-            device, because, snap = await self._place(kind, need_of)
+            placed = await self._place(kind, need_of)
+            device, because, snap = placed.device, placed.because, placed.snapshot
             lane = self.lane(device)
             turn = lane.join(reason, kind, ticket)
         waited = await lane.wait(turn) if turn is not None else None

@@ -30,6 +30,7 @@ from typing import Any
 import anyio
 
 from services.errors import InsufficientMemory
+from services.memory.devices import TaskOption, UnloadCost, choose_task_device
 from services.memory.gguf_estimate import Estimate, GGUFInfo, estimate, ladder
 from services.memory.learning import LearnedMemory, WorkerOverheadView
 from services.memory.ledger import CPU, DeviceBudget, DeviceLimit, MemoryLedger, Reservation
@@ -167,8 +168,58 @@ class Placement:
         prior = WORKER_RAM_MB if device == CPU else self.settings.memory.worker_overhead_prior_mb
         return WorkerOverheadView(device, prior, 0, "prior")
 
+    async def place_task(
+        self,
+        pinned: int | str,
+        need_of: Callable[[str], TaskNeed],
+        *,
+        queued: Callable[[str], int],
+        pipeline_loaded: Callable[[str], bool],
+        cost: Callable[[str], UnloadCost],
+    ) -> TaskPlacement:
+        """The device a heavy task goes to (``devices.choose_task_device``), on one
+        snapshot: ``queued`` (tasks in each device's line), ``pipeline_loaded`` and
+        ``cost`` (what unloading there would take) come from the gate."""
+        snap = await self.snapshot()
+        devices = self.allowed(snap, pinned)
+        if len(devices) == 1:
+            return TaskPlacement(devices[0], "the only device", snap)
+        options = []
+        for d in devices:
+            budget = self.view_of(snap, device=d).budget
+            options.append(
+                TaskOption(
+                    d,
+                    need_of(d).mb,
+                    budget.usable_mb,
+                    ceiling_mb(budget),
+                    queued(d),
+                    pipeline_loaded(d),
+                    cost(d),
+                )
+            )
+        choice = choose_task_device(options)
+        return TaskPlacement(choice.option.device, choice.because, snap)
+
 
 # ---- heavy tasks ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskPlacement:
+    """Where a heavy task goes, why, and the snapshot that was decided on."""
+
+    device: str
+    because: str
+    snapshot: MemorySnapshot
+
+
+def ceiling_mb(budget: DeviceBudget) -> float:
+    """The most that could be usable on the device if Edison unloaded everything it holds
+    in the ledger: what other programs use (the driver's used memory beyond the ledger)
+    stays, and so does the reserve."""
+    others = max(0.0, budget.capacity_mb - budget.driver_free_mb - budget.held_mb)
+    return max(0.0, budget.capacity_mb - others - budget.reserve_mb)
 
 
 @dataclass(frozen=True)
