@@ -64,6 +64,7 @@ class LoadPlan:
     evicts: tuple[str, ...] = ()  # heavy tiers to unload first
     split: SplitPlan | None = None
     split_rung: int = 0
+    fits: bool = True  # False: only a CPU rung is left on the device (unknown: True)
 
 
 class LadderLoader:
@@ -92,12 +93,16 @@ class LadderLoader:
             tier.attempts.append(LoadAttempt(-1, 0, 0, 0, False, exc.message, 0))
             raise
 
-    async def plan(self, tier: TierState, candidates: Sequence[DeviceCandidate]) -> LoadPlan:
+    async def plan(
+        self, tier: TierState, candidates: Sequence[DeviceCandidate], *, must_fit: bool = False
+    ) -> LoadPlan:
         """Where ``tier`` should load among ``candidates`` (see ``services/memory/devices``):
         the device where its best rung fits now, or a split across GPUs when the tier
-        allows it and no single one fits. One candidate: that one, without reading a thing.
+        allows it and no single one fits. One candidate: that one, without reading a thing
+        unless ``must_fit`` asks whether a GPU rung fits there.
         """
-        if len(candidates) == 1 and not (tier.cfg.allow_split and candidates[0].device != CPU):
+        lone = len(candidates) == 1 and not must_fit
+        if lone and not (tier.cfg.allow_split and candidates[0].device != CPU):
             c = candidates[0]
             return LoadPlan(c.device, "the only device", (c.evicts,) if c.evicts else ())
         info = await self._info(tier)
@@ -128,7 +133,7 @@ class LadderLoader:
             if split is not None:
                 return split
         evicts = (choice.option.evicts,) if choice.option.evicts else ()
-        return LoadPlan(choice.option.device, choice.because, evicts)
+        return LoadPlan(choice.option.device, choice.because, evicts, fits=choice.option.fits)
 
     def _slots(self, tier: TierState) -> dict[str, int]:
         """The estimate's ``slots`` for a llama-server tier (its KV cache per slot)."""

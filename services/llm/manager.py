@@ -31,7 +31,7 @@ from services.errors import (
     UnknownTier,
 )
 from services.events import EventBus
-from services.llm.loader import DeviceCandidate, LadderLoader
+from services.llm.loader import LadderLoader
 from services.llm.records import (
     FALLBACKS,
     EagerLoad,
@@ -41,7 +41,7 @@ from services.llm.records import (
     TierView,
     UnloadResult,
 )
-from services.llm.slots import heavy_slots, load_candidates
+from services.llm.slots import Candidates, heavy_slots, load_candidates
 from services.llm.worker import LlamaWorker
 from services.memory.ledger import CPU
 from services.memory.placement import Placement, flush_gpu_memory, wait_gpu_memory_released
@@ -204,7 +204,7 @@ class ModelManager:
             slots.get(d) in (None, tier.name) for d in self.placement.allowed(snap, tier.cfg.device)
         )
 
-    async def _candidates(self, tier: TierState, *, chat: bool) -> list[DeviceCandidate]:
+    async def _candidates(self, tier: TierState, *, chat: bool) -> Candidates:
         """The devices ``tier`` may load on now (see ``slots.load_candidates``)."""
         snap = await self.placement.snapshot()
         return load_candidates(
@@ -228,9 +228,18 @@ class ModelManager:
                 twin.name,
             )
             return twin.model  # type: ignore[return-value]
+        before = tier.last_error, tier.attempts
         tier.last_error, tier.attempts = None, []
         try:
-            plan = await self.loader.plan(tier, await self._candidates(tier, chat=chat))
+            where = await self._candidates(tier, chat=chat)
+            plan = await self.loader.plan(tier, where.devices, must_fit=where.hold is not None)
+            if where.hold is not None and not plan.fits:
+                # Another device is free but holds only a CPU rung: wait for the young
+                # model's residency (or fall back) rather than load slowly beside it.
+                raise where.hold
+        except ResidencyHold:
+            tier.last_error, tier.attempts = before  # nothing was tried
+            raise
         except Exception as exc:
             tier.last_error = getattr(exc, "message", None) or str(exc)
             raise

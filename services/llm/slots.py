@@ -10,6 +10,7 @@ long). The ModelManager acts on these answers under its load lock.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from services.errors import ResidencyHold
 from services.llm.loader import DeviceCandidate
@@ -27,6 +28,14 @@ def heavy_slots(tiers: Iterable[TierState]) -> dict[str, str]:
     return slots
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Where a tier may load now, and the hold on the devices it may not evict yet."""
+
+    devices: list[DeviceCandidate]
+    hold: ResidencyHold | None = None  # set when some device is held for residency
+
+
 def load_candidates(
     tier: TierState,
     tiers: Mapping[str, TierState],
@@ -35,16 +44,16 @@ def load_candidates(
     now: float,
     min_residency_s: float,
     residency: bool,
-) -> list[DeviceCandidate]:
+) -> Candidates:
     """The devices ``tier`` may load on now, with what each would evict.
 
     A device whose heavy slot holds another heavy model is a candidate that evicts it,
     unless ``residency`` (a chat on a host with several devices) and that model is
-    younger than ``min_residency_s``. With every allowed device so held, raises
-    ResidencyHold with the seconds until the first may be evicted.
+    younger than ``min_residency_s``: that device is held, and ``hold`` says until when.
+    With every allowed device so held, raises the hold.
     """
     if not tier.heavy:
-        return [DeviceCandidate(d) for d in allowed]
+        return Candidates([DeviceCandidate(d) for d in allowed])
     slots = heavy_slots(tiers.values())
     occupied = {d: tiers[t] for d, t in slots.items() if d in allowed and t != tier.name}
     check = residency_hold(
@@ -60,12 +69,16 @@ def load_candidates(
         elif d in check.evictable and occupant.model is not None:
             held = sum(r.mb for r in occupant.model.reservations if r.device == d)
             out.append(DeviceCandidate(d, held, occupant.name))
-    if not out:
+    hold = None
+    if check.held:
         young = ", ".join(f"{occupied[d].name} on {d}" for d in check.held)
-        raise ResidencyHold(
+        hold = ResidencyHold(
             f"{tier.name}: heavy slots hold {young}, loaded less than {min_residency_s:g} s "
             f"ago; {check.wait_s:.1f} s to wait",
             tier=tier.name,
             wait_s=check.wait_s,
         )
-    return out
+    if not out:
+        assert hold is not None
+        raise hold
+    return Candidates(out, hold)

@@ -273,7 +273,9 @@ async def test_twenty_concurrent_requests_never_overlap(gen_settings, step_gate)
         # No task holds memory any more; each loaded pipeline holds what it measured.
         held = {e.owner: e.mb for e in app.state.ledger.entries()}
         hosts = app.state.pipelines.hosts
-        assert held == {f"pipeline:{k}": h.resident_mb for k, h in hosts.items() if h.loaded}
+        assert held == {
+            f"pipeline:{kind}": h.resident_mb for (kind, _), h in hosts.items() if h.loaded
+        }
 
 
 def post_then_leave(port: int, path: str, body: dict, when: Callable[[], bool]) -> None:
