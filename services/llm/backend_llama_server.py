@@ -72,6 +72,8 @@ _CAUSE = re.compile(
 )
 # Lines that say that something failed, not what: kept as the context of the cause.
 _GENERIC = re.compile(r"exiting due to|failed to load model|cleaning up", re.IGNORECASE)
+# llama.cpp's log prefix: seconds since start (0.00.004.546), then the level (I W E D).
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWED]) ")
 
 # Sets the parent-death signal (prctl PR_SET_PDEATHSIG, see backend_llama_cpp_python's
 # BOOTSTRAP for why), checks the parent is still the one that started it, then becomes
@@ -236,20 +238,29 @@ def build_command(
     return cmd + list(spec.extra_args)
 
 
+def _split_level(line: str) -> tuple[str, str]:
+    """(level, text) of a log line: ``0.00.004.546 E text`` is ("E", "text"); a line
+    printed without llama.cpp's prefix (argument warnings) is ("", the line)."""
+    m = _LOG_PREFIX.match(line)
+    return (m.group(1), line[m.end() :].strip()) if m else ("", line.strip())
+
+
 def extract_reason(lines: list[str]) -> str:
     """A one-line human reason from llama-server's last output lines.
 
-    The first line in the last 40 that names a cause, with the generic line that ended
-    the process (``main: exiting due to model loading error``) after it. For people and
-    logs only: nothing decides on this text.
+    The first error line (level ``E`` in its log, else a line naming a cause) in the last
+    40, with the line that ended the process (``exiting due to model loading error``)
+    after it; without the timestamps. For people and logs only: nothing decides on it.
     """
-    recent = [ln.strip() for ln in lines[-40:] if ln.strip()]
-    causes = [ln for ln in recent if _CAUSE.search(ln)]
-    specific = [ln for ln in causes if not _GENERIC.search(ln)]
-    ending = next((ln for ln in reversed(causes) if "exiting due to" in ln), "")
+    recent = [_split_level(ln) for ln in lines[-40:] if ln.strip()]
+    errors = [text for level, text in recent if level == "E"]
+    if not errors:
+        errors = [text for level, text in recent if level != "I" and _CAUSE.search(text)]
+    specific = [t for t in errors if not _GENERIC.search(t)]
+    ending = next((t for t in reversed(errors) if "exiting due to" in t), "")
     if specific:
         cause = specific[0]
-        return f"{cause} ({ending})" if ending and ending != cause else cause
-    if causes:
-        return causes[-1]
-    return recent[-1] if recent else "no output"
+        return f"{cause} ({ending})" if ending else cause
+    if errors:
+        return errors[-1]
+    return recent[-1][1] if recent else "no output"

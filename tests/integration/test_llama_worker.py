@@ -99,7 +99,9 @@ async def test_start_serve_chat_and_stop(
         assert 1 <= body["usage"]["completion_tokens"] <= 5
         tail = w.stderr_tail(1000)
         assert LISTENING[backend].format(port=w.port) in tail
-        assert len(tail.splitlines()) == llama_worker.TAIL_LINES  # bounded: ~300 lines came
+        lines = len(tail.splitlines())
+        # Bounded: llama_cpp.server prints ~300 lines at start-up; llama-server ~20.
+        assert lines == llama_worker.TAIL_LINES if backend == "llama-cpp-python" else lines < 40
         assert len(w.stderr_tail(3).splitlines()) == 3
     finally:
         rc = await w.stop()

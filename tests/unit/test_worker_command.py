@@ -150,32 +150,42 @@ def test_llama_server_command_maps_every_setting(tmp_path: Path) -> None:
     [
         (
             [
-                "main: loading model",
-                "gguf_init_from_file: failed to open GGUF file '/m.gguf' (No such file or "
-                "directory)",
-                "llama_model_load_from_file_impl: failed to load model",
-                "srv    load_model: failed to load model, '/m.gguf'",
-                "srv    operator(): operator(): cleaning up before exit...",
-                "main: exiting due to model loading error",
+                "0.00.004.152 I srv    load_model: loading model '/tmp/fails/m.gguf'",
+                "0.00.004.201 E gguf_init_from_file: failed to open GGUF file '/tmp/fails/m.gguf'"
+                " (No such file or directory)",
+                "0.00.004.287 E llama_model_load: error loading model: llama_model_loader: "
+                "failed to load model from /tmp/fails/m.gguf",
+                "0.00.004.300 E llama_model_load_from_file_impl: failed to load model",
+                "0.00.004.301 E srv    load_model: failed to load model, '/tmp/fails/m.gguf'",
+                "0.00.004.302 I srv    operator(): operator(): cleaning up before exit...",
+                "0.00.004.629 E srv  llama_server: exiting due to model loading error",
             ],
-            "gguf_init_from_file: failed to open GGUF file '/m.gguf' (No such file or directory)"
-            " (main: exiting due to model loading error)",
+            "gguf_init_from_file: failed to open GGUF file '/tmp/fails/m.gguf' (No such file or "
+            "directory) (srv  llama_server: exiting due to model loading error)",
         ),
         (
             [
-                "main: HTTP server is listening, hostname: 127.0.0.1, port: 8000",
-                "srv          init: couldn't bind HTTP server socket, hostname: 127.0.0.1, "
-                "port: 8000",
-                "main: exiting due to HTTP server error",
+                "0.00.002.617 W srv  llama_server: security: no API key is set",
+                "0.00.002.700 E srv  init: couldn't bind HTTP server socket, hostname: "
+                "127.0.0.1, port: 8000",
+                "0.00.002.710 E srv  llama_server: exiting due to HTTP server error",
             ],
-            "srv          init: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8000"
-            " (main: exiting due to HTTP server error)",
+            "srv  init: couldn't bind HTTP server socket, hostname: 127.0.0.1, port: 8000"
+            " (srv  llama_server: exiting due to HTTP server error)",
         ),
-        (["main: exiting due to model loading error"], "main: exiting due to model loading error"),
-        (["a", "the last line"], "the last line"),
+        (
+            ["0.00.004.629 E srv  llama_server: exiting due to model loading error"],
+            "srv  llama_server: exiting due to model loading error",
+        ),
+        (
+            # No log prefix (printed before logging starts): a line naming a cause.
+            ["error: invalid argument: --bogus", "usage: llama-server ..."],
+            "error: invalid argument: --bogus",
+        ),
+        (["0.00.001.000 I a", "0.00.002.000 I the last line"], "the last line"),
         ([], "no output"),
     ],
-    ids=["missing-model", "port-taken", "generic-only", "no-cause", "silent"],
+    ids=["missing-model", "port-taken", "generic-only", "no-prefix", "no-cause", "silent"],
 )
 def test_extract_reason_of_llama_server(lines: list[str], reason: str) -> None:
     assert extract_reason(lines, "llama-server") == reason
