@@ -75,6 +75,7 @@ async def stream_once(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
         "logit_bias": BANNED,
     }
     times: list[float] = []
+    finish = None
     t0 = time.perf_counter()
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
@@ -88,9 +89,12 @@ async def stream_once(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
             choices = chunk.get("choices") or [{}]
             if choices[0].get("delta", {}).get("content"):
                 times.append(now)
-    if not times:
-        raise RuntimeError("no content chunks")
-    return Stream((times[0] - t0) * 1000, (times[-1] - t0) * 1000, len(times), times[-1])
+            finish = choices[0].get("finish_reason") or finish
+    if not times or finish != "length":
+        raise RuntimeError(f"{len(times)} content chunks, finish_reason {finish}")
+    # Tokens, not chunks: llama-cpp-python sends two tokens in one chunk where they decode
+    # together. Every answer ran to max_tokens (finish_reason "length").
+    return Stream((times[0] - t0) * 1000, (times[-1] - t0) * 1000, max_tokens, times[-1])
 
 
 async def level(client: httpx.AsyncClient, n: int, max_tokens: int) -> Level:
