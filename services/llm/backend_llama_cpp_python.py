@@ -2,6 +2,39 @@
 
 Its command line (under a parent-death signal) and the one-line reason pulled out of
 a failed worker's output. ``worker.py`` supervises the process.
+
+What llama_cpp.server (llama-cpp-python 0.3.36) does, as measured here:
+
+- It loads the model *before* it listens: ``create_app`` builds the model, then
+  ``uvicorn.run`` binds. So "GET /v1/models answers 200" means "loaded and serving".
+  uvicorn prints ``Uvicorn running on http://127.0.0.1:PORT`` on stderr once bound;
+  we poll HTTP instead, which also proves the answer comes from our process (the
+  model id must be our alias, see below).
+- A tiny model is ready in about 0.4-0.7 s on 2 CPU cores; its chatty verbose log
+  (about 300 lines at start-up) is what tells why a load failed, so it stays on.
+- A failed load exits with status 1 after a Python traceback ending in
+  ``ValueError: Model path does not exist: PATH`` (missing file) or
+  ``ValueError: Failed to load model from file: PATH``; the real reason is a
+  llama.cpp line a few lines earlier, e.g. ``gguf_init_from_reader: invalid magic
+  characters`` or ``llama_model_load: error loading model: tensor '...' data is not
+  within the file bounds, model is corrupted or incomplete``.
+- A taken port is found only after the model has loaded: uvicorn prints ``[Errno 98]
+  ... address already in use`` and the process exits with status 3.
+- Its settings are pydantic ``BaseSettings``, so environment variables named like
+  its options (``PORT``, ``HOST``, ``API_KEY``, ``N_CTX``, ``CONFIG_FILE``...) override
+  or add to the command line; ``PORT`` even wins over ``--port``. The child therefore
+  gets an allow-listed environment, not ours.
+- ``--use_mlock`` defaults to true in the server (false in ``Llama``); we pass false so
+  the weights left on the CPU stay ordinary page cache that image pipelines can use.
+- ``--clip_model_path`` is used only with a vision ``--chat_format`` (llava-1-5,
+  llava-1-6, mtmd, qwen2.5-vl, minicpm-v-2.6, moondream, ...); without one it is
+  silently ignored.
+- ``--n_gpu_layers -1`` means all layers and the output layer.
+- ``--n_ctx`` above the trained context is accepted with a warning ("possible training
+  context overflow"); an absurd one (10^9 on the tiny model) does not fail, it grinds
+  on allocating, so the estimate, not the worker, must refuse it.
+- On SIGTERM uvicorn shuts down gracefully (about 0.1 s here) and then re-raises the
+  signal: a clean stop() returns -15.
 """
 
 from __future__ import annotations
