@@ -74,3 +74,21 @@ def test_cli_refuses_bad_config_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "server.port" in out.stderr and str(path) in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_llama_server_build_does_nothing_when_current(llama_server_bin: Path) -> None:
+    """`make install` runs scripts/build_llama_server.sh every time: with the binary built
+    from this llama-cpp-python and these flags, it must not touch it."""
+    stamp = llama_server_bin.with_name("llama-server.build")
+    before = llama_server_bin.stat().st_mtime_ns, stamp.read_text()
+    out = subprocess.run(
+        ["scripts/build_llama_server.sh", str(Path(sys.executable).parent.parent)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and out.stderr == ""
+    assert (llama_server_bin.stat().st_mtime_ns, stamp.read_text()) == before
+    assert stamp.read_text().startswith("llama-cpp-python==0.3.36 ")

@@ -168,6 +168,19 @@ async def test_a_killed_worker_calls_on_exit(tiny: Path, backend: str) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_hung_worker_is_killed_after_the_grace_period(tiny: Path, backend: str) -> None:
+    """A worker that no longer runs (SIGSTOP: it cannot act on SIGTERM) is SIGKILLed
+    once stop()'s grace period has passed, and reported as such."""
+    codes: list[int] = []
+    w = LlamaWorker(spec(tiny, backend), on_exit=lambda _w, rc: codes.append(rc))
+    await w.start(START_S)
+    os.kill(w.pid, signal.SIGSTOP)
+    assert await w.stop(grace_s=0.5) == -signal.SIGKILL
+    assert gone(w.pid) and not w.alive
+    assert codes == []  # asked for: not an unexpected exit
+
+
+@pytest.mark.anyio
 async def test_start_timeout_kills_the_worker(tiny: Path, backend: str) -> None:
     w = LlamaWorker(spec(tiny, backend))
     with pytest.raises(WorkerStartFailed) as err:
