@@ -106,7 +106,7 @@ class ServerBinary:
 
     path: str
     usable: bool
-    version: str | None = None  # ``--version``'s first line, e.g. "version: 1 (a1b2c3d)"
+    version: str | None = None  # from ``--version``, e.g. "0.5.0-dev (build 1, commit 0c1e570)"
     # ``--list-devices``: the GPUs it can offload to (built with CUDA and one is visible).
     devices: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)  # the OPTIONAL_FLAGS this build knows
@@ -166,7 +166,14 @@ def _inspect(path: str, size: int, mtime_ns: int) -> ServerBinary:
         devices_text = _run(path, "--list-devices")
     except (OSError, subprocess.SubprocessError) as exc:
         return ServerBinary(path, False, reason=f"llama-server {path} does not run: {exc}")
-    version = next((ln.strip() for ln in version_text.splitlines() if "version" in ln), None)
+    version = next(
+        (
+            ln.split("version:", 1)[1].strip()
+            for ln in version_text.splitlines()
+            if "version:" in ln
+        ),
+        None,
+    )
     if version is None:
         last = next((ln for ln in reversed(version_text.splitlines()) if ln.strip()), "")
         return ServerBinary(path, False, reason=f"{path} is not llama-server: {last.strip()}")
