@@ -171,6 +171,7 @@ def main() -> None:
             + " | ".join(f"{v:g}" for v in row)
             + f" | {med(a.name, 'chat_s'):.2f} | {med(a.name, 'wall_s'):.2f} |"
         )
+
     def ratio(a: str, b: str, f: str) -> str:
         x, y = med(a, f), med(b, f)
         return f"{x / y:.2f}" if y else f"{x:g} vs {y:g}"

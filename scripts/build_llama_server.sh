@@ -15,6 +15,9 @@ PY="$VENV/bin/python"
 DEST="$VENV/bin/llama-server"
 STAMP="$DEST.build"
 WORK=${LLAMA_SERVER_BUILD_DIR:-var/build/llama-server}
+# Built binaries are also kept outside the checkout, as pip keeps the llama-cpp-python
+# wheel: a fresh clone (CI) installs the cached one instead of compiling for minutes.
+CACHE=${LLAMA_SERVER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/edison/llama-server}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 VERSION=$("$PY" -c 'from importlib.metadata import version; print(version("llama-cpp-python"))')
@@ -28,6 +31,15 @@ FLAGS="$FLAGS ${CMAKE_ARGS:-}"
 WANT="llama-cpp-python==$VERSION $FLAGS"
 
 if [ -x "$DEST" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+
+KEY=$(printf '%s' "$WANT" | sha256sum | cut -c1-16)
+CACHED="$CACHE/$KEY/llama-server"
+if [ -x "$CACHED" ] && [ -f "$CACHED.build" ] && [ "$(cat "$CACHED.build")" = "$WANT" ]; then
+  install -m 0755 "$CACHED" "$DEST"
+  printf '%s' "$WANT" > "$STAMP"
+  echo "installed $DEST from the build cache ($CACHE/$KEY)"
   exit 0
 fi
 
@@ -62,4 +74,7 @@ cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" $GEN $FLAGS >/dev/null
 cmake --build "$BUILD" --target llama-server -j "$JOBS"
 install -m 0755 "$BUILD/bin/llama-server" "$DEST"
 printf '%s' "$WANT" > "$STAMP"
+if mkdir -p "$CACHE/$KEY" 2>/dev/null; then
+  install -m 0755 "$BUILD/bin/llama-server" "$CACHED" && printf '%s' "$WANT" > "$CACHED.build"
+fi
 echo "installed $DEST"

@@ -103,6 +103,12 @@ class LiveServer:
         self.thread.join(30)
 
 
+def _absent() -> list[Any]:
+    from services.memory.probe import ProbeStepUnavailable
+
+    raise ProbeStepUnavailable("not probed: this GPU reports given numbers")
+
+
 class FakeGpuProbe:
     """A GPU that reports given numbers: the one thing that cannot exist on this machine.
 
@@ -126,7 +132,12 @@ class FakeGpuProbe:
         self._used = [float(used_mb)] * gpus  # per GPU index
         self._pending: list[tuple[int, float, int]] = []
         self.calls = 0
+        # RAM comes from the real probe; its GPU steps are marked absent (permanent), so it
+        # starts no background retrier that could outlive the test and run another test's
+        # fake nvidia-smi.
         self._real = MemoryProbe(timeout_s=5)
+        for step in ("_probe_nvml", "_probe_torch", "_probe_smi"):
+            setattr(self._real, step, _absent)
 
     @property
     def used_mb(self) -> float:

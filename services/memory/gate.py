@@ -310,8 +310,8 @@ class MemoryGate:
         log.log(
             logging.INFO if d.ok else logging.WARNING,
             "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB (%s%s) "
-            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s "
-            "placed because %s",
+            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s; "
+            "placed on %s because %s",
             d.ok,
             d.freed_mb,
             d.reason,
@@ -324,6 +324,7 @@ class MemoryGate:
             d.budget.held_mb,
             d.budget.reserve_mb,
             "; ".join(d.actions),
+            d.device,
             d.placed_because,
         )
         self.decisions.append(d)

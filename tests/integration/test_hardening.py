@@ -133,6 +133,11 @@ def test_ready_waits_for_the_generation_stack_and_health_answers_meanwhile(
         }
     )
     with TestClient(create_app(settings)) as client:
+        # Start-up probes memory first (a thread; slow on a busy machine), then imports.
+        wait_until(
+            lambda: "importing" in client.get("/ready").json()["error"]["detail"],
+            what="start-up reached the imports",
+        )
         for _ in range(5):
             assert client.get("/health").status_code == 200
             r = client.get("/ready")

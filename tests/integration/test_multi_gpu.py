@@ -57,8 +57,9 @@ def two_gpu_manager(
 
 
 async def test_workers_see_only_their_device_and_the_ledger_books_each(
-    make_settings, tiny_dir
+    make_settings, tiny_dir, caplog
 ) -> None:
+    caplog.set_level("INFO", logger="edison.models")
     mm, _ = two_gpu_manager(make_settings, tiny_dir)
     try:
         fast = await mm.load("fast")  # auto: same rung on both; cuda:1 has more usable
@@ -74,6 +75,9 @@ async def test_workers_see_only_their_device_and_the_ledger_books_each(
         assert visible_devices(res.model.pid) == "1"
         assert mm.heavy_slots() == {"cuda:0": "medium", "cuda:1": "deep"}
         assert not gone(medium.pid)
+        # Every load says where it went and why.
+        assert "Load of fast placed on cuda:1 because same rung elsewhere" in caplog.text
+        assert "Load of medium placed on cuda:0 because the only device" in caplog.text
     finally:
         await mm.unload_all()
 
