@@ -271,6 +271,12 @@ class ModelManager(Unloads):
         )
         return model
 
+    def _serving(self, tier: TierState) -> tuple[str, int, str | int]:
+        """What else must match for one worker to serve two tiers: backend, slots, device."""
+        cfg = tier.cfg
+        models = self.settings.models
+        return (models.backend_of(cfg), models.parallel_of(cfg), cfg.device)
+
     def _twin(self, tier: TierState) -> TierState | None:
         for other in self.tiers.values():
             if (
@@ -281,6 +287,7 @@ class ModelManager(Unloads):
                 and Path(other.cfg.path).resolve() == Path(tier.cfg.path).resolve()
                 and (other.cfg.n_ctx, other.cfg.n_gpu_layers)
                 == (tier.cfg.n_ctx, tier.cfg.n_gpu_layers)
+                and self._serving(other) == self._serving(tier)
             ):
                 return other
         return None

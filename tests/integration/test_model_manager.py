@@ -195,6 +195,21 @@ async def test_same_file_context_and_layers_load_once(make_settings, tiny_dir) -
         await mm.unload_all()
 
 
+async def test_the_same_file_on_another_backend_is_another_worker(
+    make_settings, tiny_dir, llama_server_bin
+) -> None:
+    same = str(tiny_dir / "medium.gguf")
+    deep = {"path": same, "backend": "llama-server"}
+    mm = manager_for(make_settings(models=tiers(tiny_dir, medium={"path": same}, deep=deep)))
+    try:
+        medium = await mm.load("medium")
+        other = await mm.load("deep")  # the heavy slot: medium's worker ends, deep's starts
+        assert other is not medium and other.backend == "llama-server"
+        assert mm.tiers["deep"].alias_of is None
+    finally:
+        await mm.unload_all()
+
+
 async def test_resolve_falls_back_down_the_chain(make_settings, tiny_dir, tmp_path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 64)
