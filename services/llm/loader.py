@@ -27,6 +27,7 @@ from services.memory.gguf_estimate import (
     GGUFInfo,
     InvalidModelFile,
     estimate,
+    projector_dim,
     read_gguf_info,
 )
 from services.memory.ledger import CPU
@@ -87,8 +88,20 @@ class LadderLoader:
         self.worker_env = worker_env
 
     async def _info(self, tier: TierState) -> GGUFInfo:
+        """The model's GGUF header, and its projector checked against it (a projector
+        whose embeddings have another width fails every image chat, llama.cpp only says so
+        at the first image): InvalidModelFile, recorded as an attempt, before any worker."""
         try:
-            return await anyio.to_thread.run_sync(read_gguf_info, Path(tier.cfg.path))
+            info = await anyio.to_thread.run_sync(read_gguf_info, Path(tier.cfg.path))
+            clip = getattr(tier.cfg, "clip_path", None)
+            dim = None if clip is None else await anyio.to_thread.run_sync(projector_dim, clip)
+            if dim is not None and dim != info.n_embd:
+                raise InvalidModelFile(
+                    f"the projector {clip} makes {dim}-wide embeddings; the model "
+                    f"{tier.cfg.path} takes {info.n_embd}-wide ones: not a pair",
+                    path=str(clip),
+                )
+            return info
         except InvalidModelFile as exc:
             tier.attempts.append(LoadAttempt(-1, 0, 0, 0, False, exc.message, 0))
             raise

@@ -90,6 +90,25 @@ def _field(reader: Any, key: str) -> Any:
     return value
 
 
+def projector_dim(path: Path) -> int | None:
+    """The width of the embeddings a multimodal projector (mmproj GGUF) hands the language
+    model (``clip.vision.projection_dim``); None when the file does not say. Raises
+    InvalidModelFile for a file that is missing or not GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelFile(f"projector file not found: {path}", path=str(path))
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, struct and numpy errors
+        raise InvalidModelFile(
+            f"not a readable GGUF file: {path} ({type(exc).__name__}: {exc})", path=str(path)
+        ) from exc
+    value = _field(reader, "clip.vision.projection_dim")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read the header and tensor table of a GGUF file; raise InvalidModelFile if unusable."""
     path = Path(path)

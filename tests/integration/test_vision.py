@@ -198,20 +198,25 @@ def test_swarm_with_an_image_runs_vision_agents_on_vision(vision_settings) -> No
         assert r.json()["error"]["fields"][0]["field"] == "images.1"
 
 
-def test_a_projector_that_does_not_fit_fails_the_image_chat_not_the_service(
+def test_a_projector_that_does_not_fit_its_model_fails_the_load_not_the_service(
     vision_settings, tmp_path
 ) -> None:
-    # Out of 32, for a language model of 64: mtmd refuses it, on the first image only
-    # (llama-cpp-python loads the projector lazily; see docs/vision-projector.md).
+    # Out of 32, for a language model of 64: mtmd would refuse it at the first image only
+    # (llama-cpp-python loads the projector lazily; see docs/vision-projector.md). Edison
+    # reads both headers first: no worker starts, and the image chat falls back.
     wrong = write_tiny_mmproj(tmp_path / "wrong.gguf", TinyVisionShape(n_embd_text=32))
     app = create_app(vision_settings(clip_path=str(wrong)))
     with TestClient(app) as client:
         wait_ready(client)
         r = chat(client, [image_message(PNG)])
-        assert r.status_code == 502, r.text
-        assert r.json()["error"]["tier"] == "vision"
-        log = app.state.models.tiers["vision"].model.worker.stderr_tail(200)
-        assert "mismatch between text model (n_embd = 64) and mmproj (n_embd = 32)" in log
+        assert r.status_code == 200, r.text
+        edison = r.json()["edison"]
+        assert edison["tier"] != "vision"
+        assert "32-wide embeddings" in edison["fallback_reason"]
+        assert "64-wide" in edison["fallback_reason"]
+        vision = client.get("/models").json()
+        tier = next(t for t in vision["tiers"] if t["tier"] == "vision")
+        assert tier["status"] == "failed" and [a["ok"] for a in tier["attempts"]] == [False]
         assert client.get("/health").status_code == 200
         r = chat(client, [{"role": "user", "content": "hi"}])
         assert r.status_code == 200 and r.json()["edison"]["tier"] == "fast"
