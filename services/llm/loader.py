@@ -136,8 +136,11 @@ class LadderLoader:
                 **self._slots(tier),
             )
             heavy = self.placement.heavy_tasks(c.device)
+            # On a GPU a CPU rung (0 layers) always "fits" (it takes no VRAM): what counts
+            # here is whether a rung with layers on the card does.
+            fits = start.fits and (c.device == CPU or rungs[start.index][0] != 0)
             options.append(
-                LoadOption(c.device, start.index, start.fits, usable[c.device], heavy, c.evicts)
+                LoadOption(c.device, start.index, fits, usable[c.device], heavy, c.evicts)
             )
         choice = choose_load_device(options)
         gpus = [c for c in candidates if c.device != CPU]

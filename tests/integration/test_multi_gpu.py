@@ -277,3 +277,65 @@ def test_chat_answer_names_the_device(make_settings, tiny_dir) -> None:
         assert [m["devices"] for m in memory["loaded_models"]] == [["cuda:1"]]
         lanes = {d["lane"]["device"] for d in memory["devices"]}
         assert lanes == {"cuda:0", "cuda:1"}
+
+
+async def test_a_model_no_card_holds_alone_is_split_when_allowed(make_settings, tiny_dir) -> None:
+    """Two cards of 1.2 MB each (figures), a model whose only GPU rung needs 1.85 MB (its
+    GGUF estimate, no worker overhead): split across both when the tier allows it, on one
+    card's CPU rung when it does not."""
+
+    def manager(allow_split: bool) -> ModelManager:
+        settings = make_settings(
+            memory={"devices": "auto", "reserve_vram_mb": 0, "worker_overhead_prior_mb": 0},
+            models={"medium": tier(tiny_dir, "medium", allow_split=allow_split), "n_threads": 1},
+        )
+        return ModelManager(
+            settings, placement_for(settings, FakeGpuProbe(1.2, gpus=2), reserve_vram_mb=0)
+        )
+
+    mm = manager(allow_split=True)
+    try:
+        model = await mm.load("medium")
+        assert model.devices == ("cuda:0", "cuda:1") and model.n_gpu_layers > 0
+        assert visible_devices(model.pid) == "0,1"
+        cmd = psutil.Process(model.pid).cmdline()
+        shares = [float(x) for x in cmd[cmd.index("--tensor_split") + 1 :][:2]]
+        assert shares == pytest.approx([0.5, 0.5])
+        booked = sorted((r.device, round(r.mb, 3)) for r in mm.ledger.entries())
+        assert [d for d, _ in booked] == ["cuda:0", "cuda:1"]
+        assert sum(mb for _, mb in booked) == pytest.approx(1.852, abs=0.01)
+        assert mm.heavy_slots() == {"cuda:0": "medium", "cuda:1": "medium"}
+    finally:
+        await mm.unload_all()
+    assert mm.ledger.entries() == []
+
+    mm = manager(allow_split=False)
+    try:
+        model = await mm.load("medium")
+        assert model.n_gpu_layers == 0 and len(model.devices) == 1
+        assert visible_devices(model.pid) == ""  # a CPU rung sees no GPU
+        assert "--tensor_split" not in psutil.Process(model.pid).cmdline()
+    finally:
+        await mm.unload_all()
+
+
+async def test_a_chat_does_not_take_a_cpu_rung_beside_a_young_model(
+    make_settings, tiny_dir
+) -> None:
+    """cuda:1 is nearly full (another program): deep could only get a CPU rung there, so
+    the chat does not load it there; cuda:0's medium is young: deep falls back to it."""
+    mm, probe = two_gpu_manager(make_settings, tiny_dir)
+    probe.set_used(12_288 - 1_024 - 100, index=1)  # 100 MB usable: no GPU rung fits
+    try:
+        medium = await mm.load("medium")
+        res = await mm.resolve("deep")
+        assert res.tier == "medium" and res.model is medium
+        assert "deep: heavy slots hold medium on cuda:0" in (res.fallback_reason or "")
+        assert mm.tiers["deep"].attempts == [] and mm.tiers["deep"].status == "unloaded"
+        # An operator's load is not a chat: residency does not hold it, and a GPU rung in
+        # cuda:0's slot is worth evicting medium for.
+        deep = await mm.load("deep")
+        assert deep.device == "cuda:0" and deep.n_gpu_layers > 0
+        assert wait_until(lambda: gone(medium.pid), what="medium ended")
+    finally:
+        await mm.unload_all()
