@@ -24,6 +24,26 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def _probes_end_with_their_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Shut down every MemoryProbe a test made. A probe whose nvidia-smi step failed keeps
+    a retrier thread; left running, it ran a later test's fake nvidia-smi (PATH is
+    process-wide) and broke that test's counts."""
+    from services.memory.probe import MemoryProbe
+
+    made: list[MemoryProbe] = []
+    real_init = MemoryProbe.__init__
+
+    def init(self: MemoryProbe, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(MemoryProbe, "__init__", init)
+    yield
+    for probe in made:
+        probe.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo tier GGUF files (fast, medium, deep, reasoning), written once per run."""
