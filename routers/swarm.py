@@ -74,7 +74,8 @@ class PolicyOut(BaseModel):
     free_vram_mb: float = Field(description="Usable memory on the device (RAM on a CPU host).")
     threshold_mb: float = Field(description="`swarm.degraded_threshold_mb`.")
     heavy_needed: int = Field(description="Distinct heavy tiers the agents ask for.")
-    device: str
+    device: str = Field(description="The device the figures are of (the roomiest, with several).")
+    heavy_slots: int = Field(description="Heavy slots: one per device Edison places on.")
 
 
 class GroupOut(BaseModel):

@@ -33,16 +33,19 @@ SYNTHESIS_TIER = "fast"  # resident, so the synthesis never swaps the heavy slot
 _DEFAULT_KEYWORDS = tuple(SwarmSettings().vision_keywords)
 
 
-def decide(heavy_needed: int, free_mb: float, threshold_mb: float) -> tuple[str, str]:
+def decide(
+    heavy_needed: int, free_mb: float, threshold_mb: float, heavy_slots: int = 1
+) -> tuple[str, str]:
     """The policy as a function of numbers: (mode, reason).
 
     Boundaries: free > 2 x threshold is normal; threshold <= free <= 2 x threshold is
-    time_slice (both ends included); free < threshold is degraded. At most one heavy
-    model to load is normal whatever the memory: the manager's own memory check then
-    decides whether it loads or falls back down the tier chain.
+    time_slice (both ends included); free < threshold is degraded. No more heavy tiers
+    than heavy slots (one per device) is normal whatever the memory: the manager's own
+    memory check then decides whether each loads or falls back down the tier chain.
     """
-    if heavy_needed <= 1:
-        return NORMAL, f"{heavy_needed} heavy tier(s) asked for: every agent gets its tier"
+    if heavy_needed <= heavy_slots:
+        slots = f", {heavy_slots} heavy slots (one per device)" if heavy_slots > 1 else ""
+        return NORMAL, (f"{heavy_needed} heavy tier(s) asked for{slots}: every agent gets its tier")
     if free_mb > 2 * threshold_mb:
         return NORMAL, (
             f"{free_mb:.0f} MB free > 2 x threshold ({2 * threshold_mb:.0f} MB): "
@@ -105,6 +108,7 @@ class PolicyDecision:
     threshold_mb: float
     heavy_needed: int
     device: str
+    heavy_slots: int = 1  # one per device Edison places on
 
 
 class SwarmMemoryPolicy:
@@ -120,11 +124,13 @@ class SwarmMemoryPolicy:
         return len({a.model for a in agents if a.model in HEAVY_TIERS})
 
     async def assess(self, agents: Sequence[Agent]) -> PolicyDecision:
-        view = await self.placement.view()  # the very figures the gate decides on
+        # The very figures the gate decides on; with several devices, the roomiest.
+        views = self.placement.views_of(await self.placement.snapshot())
+        view = max(views, key=lambda v: v.budget.usable_mb)
         device, free = view.device, view.budget.usable_mb
         threshold = float(self.settings.swarm.degraded_threshold_mb)
         needed = self.heavy_needed(agents)
-        mode, reason = decide(needed, free, threshold)
+        mode, reason = decide(needed, free, threshold, len(views))
         if mode == DEGRADED:
             reason += f" ({self.settings.swarm.fallback_tier})"
         log.info(
@@ -138,4 +144,4 @@ class SwarmMemoryPolicy:
             device,
             len(agents),
         )
-        return PolicyDecision(mode, reason, round(free, 1), threshold, needed, device)
+        return PolicyDecision(mode, reason, round(free, 1), threshold, needed, device, len(views))

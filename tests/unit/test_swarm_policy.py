@@ -24,6 +24,7 @@ from services.swarm.policy import (
     group_agents_by_model,
     should_load_vision,
 )
+from tests.helpers import FakeGpuProbe, placement_for
 
 # ---- the policy from numbers --------------------------------------------------------
 
@@ -48,6 +49,35 @@ def test_decide_at_every_boundary(heavy: int, free: float, threshold: float, mod
     got, reason = decide(heavy, free, threshold)
     assert got == mode
     assert reason
+
+
+@pytest.mark.parametrize(
+    ("heavy", "slots", "mode"),
+    [(2, 2, NORMAL), (3, 2, DEGRADED), (2, 1, DEGRADED), (4, 4, NORMAL)],
+)
+def test_one_heavy_slot_per_device(heavy: int, slots: int, mode: str) -> None:
+    """With a heavy slot per device, as many heavy tiers as devices run side by side."""
+    got, reason = decide(heavy, 100, 5000, slots)
+    assert got == mode
+    assert ("heavy slots (one per device)" in reason) is (mode == NORMAL and slots > 1)
+
+
+@pytest.mark.anyio
+async def test_policy_reads_the_roomiest_of_several_devices(make_settings, tiny_dir) -> None:
+    settings = make_settings(
+        models={n: {"path": str(tiny_dir / f"{n}.gguf")} for n in ("fast", "medium", "deep")},
+        memory={"devices": "auto", "reserve_vram_mb": 0},
+        swarm={"degraded_threshold_mb": 5000},
+    )
+    probe = FakeGpuProbe(total_mb=24_000, gpus=3)
+    probe.set_used(20_000, index=0)
+    probe.set_used(16_000, index=2)
+    placement = placement_for(settings, probe, reserve_vram_mb=0)
+    policy = SwarmMemoryPolicy(settings, placement, ModelManager(settings, placement))
+    agents = [Agent(f"a{i}", "", t) for i, t in enumerate(("medium", "deep", "reasoning"))]
+    decision = await policy.assess(agents)
+    assert (decision.device, decision.free_vram_mb, decision.heavy_slots) == ("cuda:1", 24_000, 3)
+    assert decision.mode == NORMAL and "3 heavy slots" in decision.reason
 
 
 class StubGpuProbe:
