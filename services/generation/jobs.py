@@ -289,11 +289,14 @@ class JobService:
         tasks = [t for t in self.gate.running() if device is None or t.device == device]
         return max(0.0, self.gate.mean_task_s - tasks[0].running_s) if tasks else 0.0
 
-    def queue_drain_s(self) -> float:
-        """Seconds until the running job and every waiting one are done, predicted from
-        the measured run times of their kinds and sizes."""
-        left = self._running_left_s()
+    def queue_drain_s(self, device: str | None = None) -> float:
+        """Seconds until the running job and every waiting one (on ``device``; every
+        device, when None) are done, predicted from the measured run times of their kinds
+        and sizes."""
+        left = self._running_left_s(device)
         for entry in self.gate.queue():
+            if device is not None and entry.device != device:
+                continue
             other = self.jobs.get(entry.ticket or "")
             left += self._duration_s(other.kind if other else entry.kind or "", other)
         return left

@@ -100,7 +100,7 @@ class MemoryGate:
         self._collect_next = False
         self._background: set[asyncio.Task[None]] = set()
         # Seconds until the running and waiting tasks are done (set by the job service).
-        self.queue_drain_s: Callable[[], float] | None = None
+        self.queue_drain_s: Callable[[str | None], float] | None = None
         placement.heavy_tasks = self.tasks_on  # a tie-breaker of where loads go
 
     # ---- lanes ---------------------------------------------------------------------
@@ -112,7 +112,7 @@ class MemoryGate:
                 device,
                 max_waiting=lambda: self.settings.queue.max_waiting,
                 max_wait_s=lambda: self.settings.queue.max_wait_s,
-                retry_after_s=self.retry_after_s,
+                retry_after_s=lambda: self.retry_after_s(device),
                 count=self._count,
             )
         return lane
@@ -172,13 +172,14 @@ class MemoryGate:
         """A running mean of how long heavy tasks held the gate (10 s before the first)."""
         return self._mean_task_s
 
-    def retry_after_s(self) -> float:
-        """When a place in line is likely to free up: the time the queue ahead needs to
-        drain, predicted from measured run times when the job service gives it (else
-        the running mean task time x tasks ahead)."""
+    def retry_after_s(self, device: str | None = None) -> float:
+        """When a place in line (``device``'s; any, when None) is likely to free up: the
+        time that line needs to drain, predicted from measured run times when the job
+        service gives it (else the running mean task time x tasks ahead)."""
         if self.queue_drain_s is not None:
-            return max(1.0, self.queue_drain_s())
-        return max(1.0, self._mean_task_s * (self.queue_length + 1))
+            return max(1.0, self.queue_drain_s(device))
+        ahead = self.queue_length if device is None else self.tasks_on(device)
+        return max(1.0, self._mean_task_s * (ahead + 1))
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
