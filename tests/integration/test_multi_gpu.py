@@ -168,7 +168,7 @@ async def test_one_device_keeps_todays_heavy_slot_rule(make_settings, tiny_dir) 
 
 @pytest.fixture
 def two_gpu_app(make_settings, tiny_pipelines):
-    def build(**image: object):
+    def build(max_waiting: int = 8, **image: object):
         settings = make_settings(
             memory={"devices": "auto", "reserve_vram_mb": 1024},
             generation={
@@ -179,7 +179,7 @@ def two_gpu_app(make_settings, tiny_pipelines):
                     **image,
                 }
             },
-            queue={"max_waiting": 8, "max_wait_s": 120},
+            queue={"max_waiting": max_waiting, "max_wait_s": 120},
         )
         probe = FakeGpuProbe(total_mb=12_288, gpus=2)
         # Every placed "cuda:N" runs on this machine's CPU.
@@ -227,7 +227,7 @@ def test_two_generations_on_two_devices_run_at_once(two_gpu_app, step_gate) -> N
 
 
 def test_two_generations_pinned_to_one_device_queue(two_gpu_app, step_gate) -> None:
-    with TestClient(two_gpu_app(device=1)) as client:
+    with TestClient(two_gpu_app(max_waiting=1, device=1)) as client:
         wait_ready(client)
         a = submit(client, "first")
         step_gate.wait_held(1)
@@ -240,6 +240,14 @@ def test_two_generations_pinned_to_one_device_queue(two_gpu_app, step_gate) -> N
         assert waiting["position"] == 1
         gate = client.get("/system/memory").json()["gate"]
         assert [(q["device"], q["position"]) for q in gate["queue"]] == [("cuda:1", 1)]
+        # cuda:1's line is full (1 waiting): a third is refused, naming that line, though
+        # cuda:0 is idle (the pin holds).
+        r = client.post(
+            "/generate-image", json={"prompt": "third", "width": 32, "height": 32, "steps": 2}
+        )
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+        error = r.json()["error"]
+        assert error["code"] == "queue_full" and error["device"] == "cuda:1"
         text = client.get("/metrics").text
         assert 'edison_device_queue_length{device="cuda:1"} 1.0' in text
         assert 'edison_device_busy{device="cuda:1"} 1.0' in text
