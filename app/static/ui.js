@@ -50,8 +50,7 @@ const secs = (x) => (x === null || x === undefined ? "–" : x < 1 ? `${Math.rou
 const clock = (t) => new Date(t * 1000).toLocaleTimeString();
 
 // ---- memory -------------------------------------------------------------------------
-function segments(m) {
-  const dev = m.device;
+function segments(m, dev) {
   const loaded = new Map(m.loaded_models.map((x) => [x.key, x]));
   const onGpu = dev.device !== "cpu";
   const out = [];
@@ -74,14 +73,10 @@ function segments(m) {
   return out;
 }
 
-function renderMemory() {
-  const m = state.memory;
-  const dev = m.device;
-  const what = dev.device === "cpu" ? "RAM (no GPU: everything runs on the CPU)" : `VRAM of ${dev.device}`;
-  $("#device").textContent = `${what}, ${mb(dev.capacity_mb)}`;
-  $("#source").textContent = `probe: ${m.vram_source}`;
+// One stacked bar per device Edison places on, with that device's line and heavy slot.
+function deviceBar(m, dev, lane, several) {
   const bar = el("div", { class: "bar", role: "img", "aria-label": `memory of ${dev.device}` });
-  for (const s of segments(m)) {
+  for (const s of segments(m, dev)) {
     const pct = dev.capacity_mb > 0 ? (100 * s.mb) / dev.capacity_mb : 0;
     bar.append(el("div", {
       class: `segment ${s.kind}`, title: s.label, style: `width:${pct.toFixed(3)}%`,
@@ -89,11 +84,30 @@ function renderMemory() {
     }, pct > 6 ? s.label : ""));
   }
   const list = el("ul", { class: "segments" },
-    segments(m).filter((s) => !["other", "reserve", "usable"].includes(s.kind))
+    segments(m, dev).filter((s) => !["other", "reserve", "usable"].includes(s.kind))
       .map((s) => el("li", { dataset: { kind: s.kind, name: s.name } }, s.label)));
-  const others = m.gpus.filter((g) => `cuda:${g.index}` !== dev.device).map((g) =>
+  if (!several || !lane) return [bar, list];
+  const line = `${dev.device}: ${mb(dev.capacity_mb)} · line ${lane.state}` +
+    (lane.current ? ` (${lane.current.reason})` : "") + `, ${lane.queue_length} waiting · heavy slot ` +
+    (lane.heavy_slot || "empty");
+  return [el("div", { class: "barlabel", dataset: { device: dev.device } }, line), bar, list];
+}
+
+function renderMemory() {
+  const m = state.memory;
+  const devices = m.devices && m.devices.length ? m.devices : [{ budget: m.device, lane: null }];
+  const several = devices.length > 1;
+  const dev = m.device;
+  const what = dev.device === "cpu" ? "RAM (no GPU: everything runs on the CPU)" : `VRAM of ${dev.device}`;
+  $("#device").textContent = several
+    ? `VRAM of ${devices.length} devices: ${devices.map((d) => d.budget.device).join(", ")}`
+    : `${what}, ${mb(dev.capacity_mb)}`;
+  $("#source").textContent = `probe: ${m.vram_source}`;
+  const placed = new Set(devices.map((d) => d.budget.device));
+  const others = m.gpus.filter((g) => !placed.has(`cuda:${g.index}`)).map((g) =>
     el("div", { class: "barlabel" }, `GPU ${g.index} ${g.name}`, `${mb(g.used_mb)} used of ${mb(g.total_mb)}`));
-  $("#bars").replaceChildren(bar, list, ...others);
+  $("#bars").replaceChildren(
+    ...devices.flatMap((d) => deviceBar(m, d.budget, d.lane, several)), ...others);
   $("#legend").replaceChildren(...["model", "pipeline", "task", "other", "reserve", "usable"].map((k) =>
     el("span", {}, el("i", { class: `segment ${k}` }), k)));
   const w = m.worker_overhead;

@@ -145,3 +145,36 @@ def test_the_page_works_with_no_models_configured(make_settings, live_server, br
     assert page.inner_text("#heavy-slot") == "empty"
     assert page.locator('#bars .segment[data-kind="usable"]').count() == 1
     assert page.is_visible("#no-jobs") and page.is_visible("#no-pipelines")
+
+
+def test_the_page_shows_a_bar_line_and_heavy_slot_per_device(
+    make_settings, tiny_dir, live_server, browser
+) -> None:
+    """Two GPUs that report given figures (a fake probe; two cards cannot exist here):
+    one bar per card, each with its own line and heavy slot."""
+    from tests.helpers import FakeGpuProbe
+
+    settings = make_settings(
+        memory={"devices": "auto", "reserve_vram_mb": 1024},
+        models={
+            "fast": {"path": str(tiny_dir / "fast.gguf"), "n_ctx": 256, "device": 0},
+            "medium": {"path": str(tiny_dir / "medium.gguf"), "n_ctx": 256, "device": 1},
+            "n_threads": 1,
+        },
+    )
+    server = live_server(create_app(settings, probe=FakeGpuProbe(total_mb=24_576, gpus=2)))
+    wait_until(lambda: httpx.get(f"{server.url}/ready").status_code == 200, timeout=60)
+    page = browser.new_page(viewport={"width": 1400, "height": 1250})
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#live.on")
+    assert "2 devices: cuda:0, cuda:1" in page.inner_text("#device")
+    assert page.locator("#bars .bar").count() == 2
+    assert page.locator('#bars .segment[data-kind="usable"]').count() == 2
+    second = page.inner_text('#bars .barlabel[data-device="cuda:1"]')
+    assert "line idle, 0 waiting" in second and "heavy slot medium" in second
+    assert "heavy slot empty" in page.inner_text('#bars .barlabel[data-device="cuda:0"]')
+    # Each card's bar holds its own model.
+    bars = page.locator("#bars .bar")
+    assert bars.nth(0).locator('.segment[data-name="fast"]').count() == 1
+    assert bars.nth(1).locator('.segment[data-name="medium"]').count() == 1
+    assert bars.nth(0).locator('.segment[data-name="medium"]').count() == 0
