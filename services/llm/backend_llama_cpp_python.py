@@ -59,7 +59,7 @@ _PY_EXC = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
 # no terminal signal reaches it either. Done here, after exec, rather than in a
 # preexec_fn, which would force a full fork() of a parent that may hold gigabytes.
 # The signal follows the thread that started the child: the event loop's thread.
-BOOTSTRAP = """\
+PDEATHSIG_PRELUDE = """\
 import ctypes, os, runpy, signal, sys
 parent = int(sys.argv[1])
 if sys.platform.startswith("linux"):
@@ -69,9 +69,14 @@ if sys.platform.startswith("linux"):
         pass
 if os.getppid() != parent:
     sys.exit("edison: the process that started this worker is gone")
+"""
+BOOTSTRAP = (
+    PDEATHSIG_PRELUDE
+    + """\
 sys.argv = ["llama_cpp.server", *sys.argv[2:]]
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
+)
 
 
 def build_command(spec: WorkerSpec, port: int, python: str = sys.executable) -> list[str]:

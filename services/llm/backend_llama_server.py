@@ -39,6 +39,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.llm.backend_llama_cpp_python import PDEATHSIG_PRELUDE
+
 if TYPE_CHECKING:
     from services.llm.worker_command import WorkerSpec
 
@@ -75,24 +77,18 @@ _GENERIC = re.compile(r"exiting due to|failed to load model|cleaning up", re.IGN
 # llama.cpp's log prefix: seconds since start (0.00.004.546), then the level (I W E D).
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([IWED]) ")
 
-# Sets the parent-death signal (prctl PR_SET_PDEATHSIG, see backend_llama_cpp_python's
-# BOOTSTRAP for why), checks the parent is still the one that started it, then becomes
-# llama-server. -I -S: no site packages, no PYTHON* variables, a fast start.
-EXEC_WRAPPER = """\
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-if sys.platform.startswith("linux"):
-    try:
-        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))
-    except (OSError, AttributeError):
-        pass
-if os.getppid() != parent:
-    sys.exit("edison: the process that started this worker is gone")
+# Sets the parent-death signal (PDEATHSIG_PRELUDE, shared with backend_llama_cpp_python's
+# BOOTSTRAP, which says why), checks the parent is still the one that started it, then
+# becomes llama-server. -I -S: no site packages, no PYTHON* variables, a fast start.
+EXEC_WRAPPER = (
+    PDEATHSIG_PRELUDE
+    + """\
 try:
     os.execv(sys.argv[2], sys.argv[2:])
 except OSError as exc:
     sys.exit(f"edison: cannot run llama-server {sys.argv[2]}: {exc.strerror}")
 """
+)
 
 
 def default_binary() -> Path:

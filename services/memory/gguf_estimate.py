@@ -90,21 +90,25 @@ def _field(reader: Any, key: str) -> Any:
     return value
 
 
-def projector_dim(path: Path) -> int | None:
-    """The width of the embeddings a multimodal projector (mmproj GGUF) hands the language
-    model (``clip.vision.projection_dim``); None when the file does not say. Raises
-    InvalidModelFile for a file that is missing or not GGUF."""
-    path = Path(path)
+def _open(path: Path, what: str) -> Any:
+    """A GGUFReader over ``path``; InvalidModelFile when it is missing or not GGUF."""
     if not path.is_file():
-        raise InvalidModelFile(f"projector file not found: {path}", path=str(path))
+        raise InvalidModelFile(f"{what} file not found: {path}", path=str(path))
     try:
         import gguf
 
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, struct and numpy errors
         raise InvalidModelFile(
             f"not a readable GGUF file: {path} ({type(exc).__name__}: {exc})", path=str(path)
         ) from exc
+
+
+def projector_dim(path: Path) -> int | None:
+    """The width of the embeddings a multimodal projector (mmproj GGUF) hands the language
+    model (``clip.vision.projection_dim``); None when the file does not say. Raises
+    InvalidModelFile for a file that is missing or not GGUF."""
+    reader = _open(Path(path), "projector")
     value = _field(reader, "clip.vision.projection_dim")
     return value if isinstance(value, int) and value > 0 else None
 
@@ -112,17 +116,7 @@ def projector_dim(path: Path) -> int | None:
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read the header and tensor table of a GGUF file; raise InvalidModelFile if unusable."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidModelFile(f"model file not found: {path}", path=str(path))
-    try:
-        import gguf
-
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError, struct and numpy errors
-        raise InvalidModelFile(
-            f"not a readable GGUF file: {path} ({type(exc).__name__}: {exc})", path=str(path)
-        ) from exc
-
+    reader = _open(path, "model")
     arch = _field(reader, "general.architecture")
     if not isinstance(arch, str) or not arch:
         raise InvalidModelFile(f"{path}: no general.architecture key", path=str(path))
