@@ -220,6 +220,7 @@ class WorkerOverheadInfo(BaseModel):
     mb: float = Field(description="What an LLM worker needs beyond its GGUF estimate.")
     samples: int = Field(description="Loads measured on the device.")
     source: str = Field(description="`learned` or `prior` (memory.worker_overhead_prior_mb).")
+    backend: str = Field(description="The worker backend it is of (learned per backend).")
 
 
 class DeviceReportInfo(BaseModel):

@@ -36,6 +36,7 @@ from services.memory.placement import (
     estimate_on,
     load_need_mb,
     load_rungs,
+    overhead_key,
     start_rung,
 )
 from services.memory.probe import rss_mb
@@ -125,7 +126,7 @@ class LadderLoader:
             budget = self.placement.view_of(snap, device=c.device).budget
             usable[c.device] = budget.usable_mb + c.extra_mb
             rungs = self._rungs(tier, info, c.device)
-            overhead = self.placement.worker_overhead_mb(c.device)
+            overhead = self.placement.worker_overhead_mb(c.device, self._backend(tier))
             start = start_rung(
                 info,
                 rungs,
@@ -158,6 +159,9 @@ class LadderLoader:
             return {}
         return {"slots": models.parallel_of(tier.cfg)}
 
+    def _backend(self, tier: TierState) -> str:
+        return self.settings.models.backend_of(tier.cfg)
+
     def _rungs(self, tier: TierState, info: GGUFInfo, device: str) -> list[tuple[int, int]]:
         cfg = tier.cfg
         return load_rungs(cfg.n_gpu_layers, cfg.n_ctx, self.settings.ladder, info, device)
@@ -170,7 +174,8 @@ class LadderLoader:
         usable: dict[str, float],
     ) -> LoadPlan | None:
         """The first GPU rung whose estimate the GPUs hold together, as a split plan."""
-        overhead = max(self.placement.worker_overhead_mb(c.device) for c in gpus)
+        backend = self._backend(tier)
+        overhead = max(self.placement.worker_overhead_mb(c.device, backend) for c in gpus)
         for i, (n_layers, n_ctx) in enumerate(self._rungs(tier, info, gpus[0].device)):
             if n_layers == 0:
                 break
@@ -197,7 +202,7 @@ class LadderLoader:
         view = await self.placement.view(device=plan.device if plan else None)
         device = view.device
         rungs = self._rungs(tier, info, device)
-        overhead = self.placement.worker_overhead_mb(device)
+        overhead = self.placement.worker_overhead_mb(device, self._backend(tier))
         if plan is not None and plan.split is not None:
             model = await self._try_split(tier, info, rungs, plan, overhead)
             if model is not None:
@@ -350,7 +355,8 @@ class LadderLoader:
             # What this worker cost beyond its estimate teaches the next load's need.
             if device == CPU or spec.n_gpu_layers:
                 learned = self.placement.learned
-                if learned.record_worker_load(device, estimate_on(est, device), settle):
+                key = overhead_key(device, self._backend(tier))
+                if learned.record_worker_load(key, estimate_on(est, device), settle):
                     await anyio.to_thread.run_sync(learned.save)
         tier.attempts.append(LoadAttempt(rung, n_layers, n_ctx, need_mb, True, "ready", ms))
         now = time.time()

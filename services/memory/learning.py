@@ -147,6 +147,7 @@ class WorkerOverheadView:
     mb: float
     samples: int
     source: str  # prior | learned
+    backend: str = "llama-cpp-python"  # the worker backend it was learned for
 
 
 class LearnedMemory:

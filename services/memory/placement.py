@@ -44,6 +44,15 @@ from services.settings import LadderSettings, Settings
 WORKER_RAM_MB = 80.0
 
 
+DEFAULT_BACKEND = "llama-cpp-python"
+
+
+def overhead_key(device: str, backend: str) -> str:
+    """Where a backend's learned worker overhead on a device is kept: the device alone for
+    llama-cpp-python (as state files before the llama-server backend have it)."""
+    return device if backend == DEFAULT_BACKEND else f"{device}|{backend}"
+
+
 def work_device(snapshot: MemorySnapshot, gpu_index: int) -> str:
     """The device work runs on: ``cuda:<index>`` when that GPU exists, else ``cpu``."""
     return f"cuda:{gpu_index}" if snapshot.gpu(gpu_index) is not None else CPU
@@ -154,19 +163,20 @@ class Placement:
             return [f"cuda:{pinned}"]
         return every
 
-    def worker_overhead_mb(self, device: str) -> float:
-        """What an LLM worker needs on ``device`` beyond its GGUF estimate: learned from
-        measured loads, else the prior (the worker process on the CPU, a CUDA context and
-        runtime on a GPU)."""
-        return self.worker_overhead(device).mb
+    def worker_overhead_mb(self, device: str, backend: str = DEFAULT_BACKEND) -> float:
+        """What an LLM worker of ``backend`` needs on ``device`` beyond its GGUF estimate:
+        learned from measured loads, else the prior (the worker process on the CPU, a CUDA
+        context and runtime on a GPU)."""
+        return self.worker_overhead(device, backend).mb
 
-    def worker_overhead(self, device: str) -> WorkerOverheadView:
-        samples = self.learned.overhead_samples(device)
+    def worker_overhead(self, device: str, backend: str = DEFAULT_BACKEND) -> WorkerOverheadView:
+        key = overhead_key(device, backend)
+        samples = self.learned.overhead_samples(key)
         if samples:
-            mb = self.learned.worker_overhead_mb(device)
-            return WorkerOverheadView(device, round(mb, 1), samples, "learned")
+            mb = self.learned.worker_overhead_mb(key)
+            return WorkerOverheadView(device, round(mb, 1), samples, "learned", backend)
         prior = WORKER_RAM_MB if device == CPU else self.settings.memory.worker_overhead_prior_mb
-        return WorkerOverheadView(device, prior, 0, "prior")
+        return WorkerOverheadView(device, prior, 0, "prior", backend)
 
     async def place_task(
         self,

@@ -181,3 +181,41 @@ async def test_worker_overhead_is_learned_from_the_first_load(make_settings, tin
         assert learned.mb == pytest.approx(first.rss_mb - (first.ram_estimate_mb - 80.0), abs=0.15)
     finally:
         await manager.shutdown()
+
+
+@pytest.mark.anyio
+async def test_worker_overhead_is_learned_per_backend(
+    make_settings, tiny_dir, llama_server_bin
+) -> None:
+    """A llama-server process costs another overhead than a Python llama_cpp.server one:
+    each backend's loads teach only its own figure."""
+    from services.memory.probe import MemoryProbe
+
+    path = str(tiny_dir / "fast.gguf")
+    settings = make_settings(
+        models={
+            "fast": {"path": path, "n_ctx": 256, "preload": False},
+            "medium": {"path": path, "n_ctx": 256, "preload": False, "backend": "llama-server"},
+            "n_threads": 1,
+        }
+    )
+    placement = placement_for(settings, MemoryProbe(timeout_s=5))
+    manager = ModelManager(settings, placement)
+    try:
+        python = await manager.load("fast")
+        server = await manager.load("medium")
+        py = placement.worker_overhead("cpu")
+        cpp = placement.worker_overhead("cpu", "llama-server")
+        assert (py.samples, py.backend, cpp.samples, cpp.backend) == (
+            1,
+            "llama-cpp-python",
+            1,
+            "llama-server",
+        )
+        assert python.rss_mb is not None and server.rss_mb is not None
+        # Same file: the estimates differ only by the slots' KV cache; the overheads by
+        # what each process is (a Python interpreter with llama_cpp against one binary).
+        assert cpp.mb == pytest.approx(server.rss_mb - (server.ram_estimate_mb - 80.0), abs=0.2)
+        assert cpp.mb < py.mb
+    finally:
+        await manager.shutdown()
