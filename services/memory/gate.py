@@ -1,10 +1,11 @@
 """MemoryGate: makes room before each heavy task (image, video, music) and runs them one
-at a time.
+at a time on each device.
 
     async with gate.heavy_task(required_vram_mb, reason, kind=...) as task:
         ...run the pipeline...
 
-waits its turn in a bounded FIFO queue, asks placement for the task's need once, holds
+is placed on a device (``Placement.place_task``), waits its turn in that device's bounded
+FIFO line (``gate_queue.py``), asks placement for the task's need once, holds
 a reservation in the memory ledger for the task's whole life (so no model load can take
 that memory meanwhile), makes room (``pre_heavy_task``: free memory on the task's device
 -> unload idle pipelines -> unload the heavy slot -> unload all models -> wait for the
@@ -28,7 +29,7 @@ import anyio
 from services.errors import InsufficientMemory
 from services.events import EventBus
 from services.memory.devices import UnloadCost
-from services.memory.gate_queue import Lane
+from services.memory.gate_queue import Lane, Lanes
 from services.memory.gate_records import (
     GateDecision,
     GateState,
@@ -91,7 +92,12 @@ class MemoryGate:
         self.models = models
         self.pipelines = pipelines
         # One line (FIFO + heavy slot) per device, made on first use.
-        self._lanes: dict[str, Lane] = {}
+        self.lanes = Lanes(
+            max_waiting=lambda: self.settings.queue.max_waiting,
+            max_wait_s=lambda: self.settings.queue.max_wait_s,
+            retry_after_s=self.retry_after_s,
+            count=self._count,
+        )
         self._placing = asyncio.Lock()
         self.decisions: deque[GateDecision] = deque(maxlen=20)
         self.outcomes: dict[str, int] = {}
@@ -103,68 +109,46 @@ class MemoryGate:
         self.queue_drain_s: Callable[[str | None], float] | None = None
         placement.heavy_tasks = self.tasks_on  # a tie-breaker of where loads go
 
-    # ---- lanes ---------------------------------------------------------------------
+    # ---- lines and views ---------------------------------------------------------
     def lane(self, device: str) -> Lane:
         """The line of ``device`` (created on first use)."""
-        lane = self._lanes.get(device)
-        if lane is None:
-            lane = self._lanes[device] = Lane(
-                device,
-                max_waiting=lambda: self.settings.queue.max_waiting,
-                max_wait_s=lambda: self.settings.queue.max_wait_s,
-                retry_after_s=lambda: self.retry_after_s(device),
-                count=self._count,
-            )
-        return lane
+        return self.lanes.get(device)
 
     def tasks_on(self, device: str) -> int:
         """Heavy tasks running or waiting on ``device``."""
-        lane = self._lanes.get(device)
-        return lane.load if lane is not None else 0
-
-    @property
-    def _busy(self) -> bool:
-        return any(lane.busy for lane in self._lanes.values())
+        return self.lanes.tasks_on(device)
 
     @property
     def current(self) -> HeavyTask | None:
         """A running task (the first device's, when several run)."""
-        return next((ln.current for ln in self._lanes.values() if ln.current), None)
+        return next(iter(self.lanes.running()), None)
 
     def running(self) -> list[HeavyTask]:
         """Every running task, one per busy device."""
-        return [ln.current for ln in self._lanes.values() if ln.current is not None]
+        return self.lanes.running()
 
-    # ---- views ---------------------------------------------------------------------
     @property
     def queue_length(self) -> int:
-        return sum(lane.queue_length for lane in self._lanes.values())
+        return self.lanes.queue_length
 
     def queue(self) -> list[QueueEntry]:
         """Who waits, device by device, each in the order they will run there."""
-        return [e for lane in self._lanes.values() for e in lane.queue()]
+        return self.lanes.queue()
 
     def lane_state(self, device: str) -> LaneState:
-        """The line and heavy slot of ``device`` (idle and empty before its first task)."""
-        lane = self._lanes.get(device)
-        slot = self.models.heavy_slots().get(device)
-        if lane is None:
-            return LaneState(device, "idle", None, 0, slot)
-        return LaneState(
-            device, "busy" if lane.busy else "idle", lane.current, lane.queue_length, slot
-        )
+        """The line and heavy slot of ``device``."""
+        return self.lanes.state(device, self.models.heavy_slots().get(device))
 
     def describe(self) -> GateState:
-        lanes = [self.lane_state(d) for d in sorted(self._lanes)]
         return GateState(
-            state="busy" if self._busy else "idle",
+            state="busy" if self.lanes.busy else "idle",
             current=self.current,
             queue_length=self.queue_length,
             queue=self.queue(),
             max_waiting=self.settings.queue.max_waiting,
             outcomes=dict(self.outcomes),
             last_decisions=list(self.decisions)[-10:],
-            devices=lanes,
+            devices=[self.lane_state(d) for d in self.lanes.devices()],
         )
 
     @property
@@ -246,7 +230,7 @@ class MemoryGate:
         before = budget = view.budget
         device = view.device
         # With one device every model is on it: unload by device only among several.
-        scope = device if len(self._lanes) > 1 or self._several(view) else None
+        scope = device if len(self.lanes) > 1 or self._several(view) else None
         ceiling = ceiling_mb(before)
         actions: list[str] = []
         settling = False  # an unload whose memory the driver may not show back yet
@@ -308,26 +292,7 @@ class MemoryGate:
 
     def _record(self, d: GateDecision) -> None:
         self._count("ok" if d.ok else "refused")
-        log.log(
-            logging.INFO if d.ok else logging.WARNING,
-            "Memory gate: ok=%s, freed=%.0fMB reason=%r device=%s required=%.0fMB (%s%s) "
-            "usable=%.0fMB driver_free=%.0fMB held=%.0fMB reserve=%.0fMB actions=%s; "
-            "placed on %s because %s",
-            d.ok,
-            d.freed_mb,
-            d.reason,
-            d.device,
-            d.required_mb,
-            d.need_source,
-            f": {d.need_detail}" if d.need_detail else "",
-            d.usable_mb,
-            d.budget.driver_free_mb,
-            d.budget.held_mb,
-            d.budget.reserve_mb,
-            "; ".join(d.actions),
-            d.device,
-            d.placed_because,
-        )
+        log.log(logging.INFO if d.ok else logging.WARNING, "%s", d.log_line())
         self.decisions.append(d)
         if self.events is not None:
             self.events.publish("gate.decision", d)
@@ -340,7 +305,7 @@ class MemoryGate:
         await anyio.to_thread.run_sync(flush_gpu_memory, collect)
         # Only when no task took over: the next task's reservation would push the fast
         # model onto a CPU rung; the last task of a queue brings it back.
-        if self._unloaded_fast and not self._busy:
+        if self._unloaded_fast and not self.lanes.busy:
             self._unloaded_fast = False
             self.models.ensure_loaded_soon("fast")
 
@@ -350,7 +315,7 @@ class MemoryGate:
         """A ``kind`` run hit CUDA OOM (on ``device``): unload every model and every other
         pipeline there before its retry. Returns what was done."""
         actions = []
-        scope = device if len(self._lanes) > 1 else None
+        scope = device if len(self.lanes) > 1 else None
         if self.pipelines is not None:
             freed = await self.pipelines.unload_idle(kind, device=scope)
             if freed:

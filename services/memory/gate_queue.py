@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.errors import QueueFull, QueueTimeout
-from services.memory.gate_records import HeavyTask, QueueEntry
+from services.memory.gate_records import HeavyTask, LaneState, QueueEntry
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,66 @@ class Lane:
                 fut.set_result(None)  # hand over: busy stays True
                 return
         self.busy = False
+
+
+class Lanes:
+    """Every device's line, made on first use; what the gate and its readers ask of them."""
+
+    def __init__(
+        self,
+        *,
+        max_waiting: Callable[[], int],
+        max_wait_s: Callable[[], float],
+        retry_after_s: Callable[[str], float],
+        count: Callable[[str], None],
+    ) -> None:
+        self._max_waiting, self._max_wait_s = max_waiting, max_wait_s
+        self._retry_after_s, self._count = retry_after_s, count
+        self._lanes: dict[str, Lane] = {}
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+    def devices(self) -> list[str]:
+        return sorted(self._lanes)
+
+    def get(self, device: str) -> Lane:
+        lane = self._lanes.get(device)
+        if lane is None:
+            lane = self._lanes[device] = Lane(
+                device,
+                max_waiting=self._max_waiting,
+                max_wait_s=self._max_wait_s,
+                retry_after_s=lambda: self._retry_after_s(device),
+                count=self._count,
+            )
+        return lane
+
+    def tasks_on(self, device: str) -> int:
+        """Heavy tasks running or waiting on ``device``."""
+        lane = self._lanes.get(device)
+        return lane.load if lane is not None else 0
+
+    @property
+    def busy(self) -> bool:
+        return any(lane.busy for lane in self._lanes.values())
+
+    def running(self) -> list[HeavyTask]:
+        """Every running task, one per busy device."""
+        return [ln.current for ln in self._lanes.values() if ln.current is not None]
+
+    @property
+    def queue_length(self) -> int:
+        return sum(lane.queue_length for lane in self._lanes.values())
+
+    def queue(self) -> list[QueueEntry]:
+        """Who waits, device by device, each in the order they will run there."""
+        return [e for lane in self._lanes.values() for e in lane.queue()]
+
+    def state(self, device: str, heavy_slot: str | None) -> LaneState:
+        """The line of ``device`` (idle and empty before its first task)."""
+        lane = self._lanes.get(device)
+        if lane is None:
+            return LaneState(device, "idle", None, 0, heavy_slot)
+        busy = "busy" if lane.busy else "idle"
+        return LaneState(device, busy, lane.current, lane.queue_length, heavy_slot)

@@ -28,6 +28,19 @@ class GateDecision:
     at: float = field(default_factory=time.time)
     placed_because: str = "the only device"  # why the task went to this device
 
+    def log_line(self) -> str:
+        """The decision as the log says it: every figure it was taken on."""
+        detail = f": {self.need_detail}" if self.need_detail else ""
+        b = self.budget
+        return (
+            f"Memory gate: ok={self.ok}, freed={self.freed_mb:.0f}MB reason={self.reason!r} "
+            f"device={self.device} required={self.required_mb:.0f}MB "
+            f"({self.need_source}{detail}) usable={self.usable_mb:.0f}MB "
+            f"driver_free={b.driver_free_mb:.0f}MB held={b.held_mb:.0f}MB "
+            f"reserve={b.reserve_mb:.0f}MB actions={'; '.join(self.actions)}; "
+            f"placed on {self.device} because {self.placed_because}"
+        )
+
 
 @dataclass
 class HeavyTask:
