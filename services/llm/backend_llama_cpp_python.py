@@ -120,6 +120,15 @@ def build_command(spec: WorkerSpec, port: int, python: str = sys.executable) -> 
     return cmd + list(spec.extra_args)
 
 
+def tokenize_request(text: str) -> tuple[str, dict[str, object]]:
+    """Where and what to post to count ``text``'s tokens, BOS included."""
+    return "/extras/tokenize/count", {"input": text}
+
+
+def token_count(answer: dict[str, object]) -> int:
+    return int(answer["count"])  # type: ignore[call-overload]
+
+
 def extract_reason(lines: list[str]) -> str:
     """A one-line human reason from the worker's last output lines.
 

@@ -241,6 +241,17 @@ def build_command(
     return cmd + list(spec.extra_args)
 
 
+def tokenize_request(text: str) -> tuple[str, dict[str, object]]:
+    """Where and what to post to count ``text``'s tokens, BOS included."""
+    return "/tokenize", {"content": text, "add_special": True}
+
+
+def token_count(answer: dict[str, object]) -> int:
+    tokens = answer["tokens"]
+    assert isinstance(tokens, list)
+    return len(tokens)
+
+
 def _split_level(line: str) -> tuple[str, str]:
     """(level, text) of a log line: ``0.00.004.546 E text`` is ("E", "text"); a line
     printed without llama.cpp's prefix (argument warnings) is ("", the line)."""

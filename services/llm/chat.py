@@ -27,6 +27,7 @@ from services.llm.chat_checks import Fit, fit, fit_from_length, prepare_request,
 from services.llm.images import ImageLimits, check_images, check_urls, image_parts
 from services.llm.manager import ModelManager
 from services.llm.records import Resolution
+from services.llm.worker_command import token_count, tokenize_request
 
 log = logging.getLogger("edison.chat")
 
@@ -211,22 +212,15 @@ class ChatProxy:
         return out, done
 
     async def _count_tokens(self, text: str, res: Resolution) -> int:
-        """Tokens of ``text`` by the worker's own tokenizer, BOS included:
-        llama_cpp.server's ``POST /extras/tokenize/count`` (``{"input": text}``), or
-        llama-server's ``POST /tokenize`` (``{"content": text, "add_special": true}``)."""
-        server = res.model.backend == "llama-server"
-        path, body = (
-            ("/tokenize", {"content": text, "add_special": True})
-            if server
-            else ("/extras/tokenize/count", {"input": text})
-        )
+        """Tokens of ``text`` by the worker's own tokenizer, BOS included (each backend's
+        endpoint: ``worker_command.tokenize_request``)."""
+        path, body = tokenize_request(text, res.model.backend)
         try:
             r = await self.client.post(f"{res.model.base_url}{path}", json=body)
         except httpx.HTTPError as exc:
             raise self._broke_off(res, exc) from exc
         await self._raise_for_upstream(r, res)
-        data = r.json()
-        return len(data["tokens"]) if server else int(data["count"])
+        return token_count(r.json(), res.model.backend)
 
     @staticmethod
     def _broke_off(res: Resolution, exc: Exception) -> UpstreamError:

@@ -9,11 +9,12 @@ ModelManager calls :meth:`LadderLoader.load` under its load lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -39,7 +40,7 @@ from services.memory.placement import (
     overhead_key,
     start_rung,
 )
-from services.memory.probe import rss_mb
+from services.memory.probe import MemorySnapshot, rss_mb
 from services.settings import Settings
 
 log = logging.getLogger("edison.models")
@@ -67,6 +68,7 @@ class LoadPlan:
     split: SplitPlan | None = None
     split_rung: int = 0
     fits: bool = True  # False: only a CPU rung is left on the device (unknown: True)
+    info: GGUFInfo | None = field(default=None, repr=False)  # the header, when plan read it
 
 
 class LadderLoader:
@@ -108,19 +110,23 @@ class LadderLoader:
             raise
 
     async def plan(
-        self, tier: TierState, candidates: Sequence[DeviceCandidate], *, must_fit: bool = False
+        self,
+        tier: TierState,
+        candidates: Sequence[DeviceCandidate],
+        snap: MemorySnapshot,
+        *,
+        must_fit: bool = False,
     ) -> LoadPlan:
-        """Where ``tier`` should load among ``candidates`` (see ``services/memory/devices``):
-        the device where its best rung fits now, or a split across GPUs when the tier
-        allows it and no single one fits. One candidate: that one, without reading a thing
-        unless ``must_fit`` asks whether a GPU rung fits there.
+        """Where ``tier`` should load among ``candidates`` (see ``services/memory/devices``),
+        decided on ``snap``: the device where its best rung fits now, or a split across
+        GPUs when the tier allows it and no single one fits. One candidate: that one,
+        without reading a thing unless ``must_fit`` asks whether a GPU rung fits there.
         """
         lone = len(candidates) == 1 and not must_fit
         if lone and not (tier.cfg.allow_split and candidates[0].device != CPU):
             c = candidates[0]
             return LoadPlan(c.device, "the only device", (c.evicts,) if c.evicts else ())
         info = await self._info(tier)
-        snap = await self.placement.snapshot()
         options, usable = [], {}
         for c in candidates:
             budget = self.placement.view_of(snap, device=c.device).budget
@@ -148,9 +154,11 @@ class LadderLoader:
         if not choice.option.fits and tier.cfg.allow_split and len(gpus) > 1:
             split = self._split(tier, info, gpus, usable)
             if split is not None:
-                return split
+                return dataclasses.replace(split, info=info)
         evicts = (choice.option.evicts,) if choice.option.evicts else ()
-        return LoadPlan(choice.option.device, choice.because, evicts, fits=choice.option.fits)
+        return LoadPlan(
+            choice.option.device, choice.because, evicts, fits=choice.option.fits, info=info
+        )
 
     def _slots(self, tier: TierState) -> dict[str, int]:
         """The estimate's ``slots`` for a llama-server tier (its KV cache per slot)."""
@@ -190,16 +198,23 @@ class LadderLoader:
                 return LoadPlan(sp.devices[0], why, evicts, split=sp, split_rung=i)
         return None
 
-    async def load(self, tier: TierState, plan: LoadPlan | None = None) -> LoadedModel:
+    async def load(
+        self, tier: TierState, plan: LoadPlan | None = None, snap: MemorySnapshot | None = None
+    ) -> LoadedModel:
         """Load ``tier`` as ``plan`` says (default: on the first device), at the first rung
-        that fits, walking down on failures.
+        that fits, walking down on failures. ``snap``: a snapshot still current (nothing
+        unloaded since), so the start rung needs no new probe.
 
         Appends each attempt to ``tier.attempts``; raises InvalidModelFile (a file that
         cannot be loaded at any rung), InsufficientMemory (nothing fits in RAM on a
         CPU-only host) or ModelLoadFailed (every rung failed).
         """
-        info = await self._info(tier)
-        view = await self.placement.view(device=plan.device if plan else None)
+        info = plan.info if plan and plan.info else await self._info(tier)  # read once
+        device = plan.device if plan else None
+        if snap is not None:
+            view = self.placement.view_of(snap, device=device)
+        else:
+            view = await self.placement.view(device=device)
         device = view.device
         rungs = self._rungs(tier, info, device)
         overhead = self.placement.worker_overhead_mb(device, self._backend(tier))

@@ -43,6 +43,7 @@ from services.llm.unloads import Unloads
 from services.llm.worker import LlamaWorker
 from services.memory.ledger import CPU
 from services.memory.placement import Placement
+from services.memory.probe import MemorySnapshot
 from services.settings import HEAVY_TIERS, TIER_NAMES, Settings
 
 log = logging.getLogger("edison.models")
@@ -200,10 +201,13 @@ class ModelManager(Unloads):
             slots.get(d) in (None, tier.name) for d in self.placement.allowed(snap, tier.cfg.device)
         )
 
-    async def _candidates(self, tier: TierState, *, chat: bool) -> Candidates:
-        """The devices ``tier`` may load on now (see ``slots.load_candidates``)."""
+    async def _candidates(
+        self, tier: TierState, *, chat: bool
+    ) -> tuple[Candidates, MemorySnapshot]:
+        """The devices ``tier`` may load on now (see ``slots.load_candidates``), and the
+        snapshot that was decided on."""
         snap = await self.placement.snapshot()
-        return load_candidates(
+        where = load_candidates(
             tier,
             self.tiers,
             self.placement.allowed(snap, tier.cfg.device),
@@ -211,6 +215,7 @@ class ModelManager(Unloads):
             min_residency_s=self.settings.models.min_residency_s,
             residency=chat and len(self.placement.devices(snap)) > 1,
         )
+        return where, snap
 
     async def _load_locked(self, tier: TierState, reason: str, *, chat: bool) -> LoadedModel:
         if tier.model is not None and tier.model.worker.alive:
@@ -227,8 +232,9 @@ class ModelManager(Unloads):
         before = tier.last_error, tier.attempts
         tier.last_error, tier.attempts = None, []
         try:
-            where = await self._candidates(tier, chat=chat)
-            plan = await self.loader.plan(tier, where.devices, must_fit=where.hold is not None)
+            where, snap = await self._candidates(tier, chat=chat)
+            must_fit = where.hold is not None
+            plan = await self.loader.plan(tier, where.devices, snap, must_fit=must_fit)
             if where.hold is not None and not plan.fits:
                 # Another device is free but holds only a CPU rung: wait for the young
                 # model's residency (or fall back) rather than load slowly beside it.
@@ -246,7 +252,8 @@ class ModelManager(Unloads):
         tier.status = "loading"
         self._publish("model.loading", tier)
         try:
-            model = await self.loader.load(tier, plan)
+            # An eviction changed memory since the snapshot: then the load probes anew.
+            model = await self.loader.load(tier, plan, None if plan.evicts else snap)
         except Exception as exc:
             tier.status = "failed"
             tier.last_error = getattr(exc, "message", None) or str(exc)

@@ -120,6 +120,16 @@ def build_command(
     return lcp.build_command(spec, port, python)
 
 
+def tokenize_request(text: str, backend: str) -> tuple[str, dict[str, object]]:
+    """The worker's path and body that count ``text``'s tokens, per backend."""
+    return (lsrv if backend == lsrv.NAME else lcp).tokenize_request(text)
+
+
+def token_count(answer: dict[str, object], backend: str) -> int:
+    """The token count in the worker's answer to :func:`tokenize_request`."""
+    return (lsrv if backend == lsrv.NAME else lcp).token_count(answer)
+
+
 def extract_reason(lines: list[str], backend: Backend = "llama-cpp-python") -> str:
     """A one-line human reason from a failed worker's last output lines, per backend."""
     if backend == lsrv.NAME:

@@ -208,9 +208,6 @@ class MemoryGate:
         need = task_need(view.device, required_vram_mb, required_ram_mb)
         return await self._make_room(need, reason, view, keep_pipeline=keep_pipeline)
 
-    def _several(self, view: DeviceView) -> bool:
-        return len(self.placement.devices(view.snapshot)) > 1
-
     async def _make_room(
         self,
         need: TaskNeed,
@@ -228,9 +225,7 @@ class MemoryGate:
         could free is refused at once, unloading nothing."""
         t0 = time.perf_counter()
         before = budget = view.budget
-        device = view.device
-        # With one device every model is on it: unload by device only among several.
-        scope = device if len(self.lanes) > 1 or self._several(view) else None
+        device = view.device  # every unload below is of what is placed on this device
         ceiling = ceiling_mb(before)
         actions: list[str] = []
         settling = False  # an unload whose memory the driver may not show back yet
@@ -251,16 +246,16 @@ class MemoryGate:
             )
         else:
             if not ok and self.pipelines is not None:
-                freed = await self.pipelines.unload_idle(keep_pipeline or "", device=scope)
+                freed = await self.pipelines.unload_idle(keep_pipeline or "", device=device)
                 if freed:
                     ok = await enough_after(f"unloaded idle pipelines: {', '.join(freed)}")
-            slot = self.models.heavy_slots().get(device) if scope else self.models.heavy_slot
+            slot = self.models.heavy_slots().get(device)
             if not ok and slot is not None:
-                out = await self.models.unload_heavy_slot(reason=f"gate: {reason}", device=scope)
+                out = await self.models.unload_heavy_slot(reason=f"gate: {reason}", device=device)
                 settling = settling or out.settling
                 ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
-            if not ok and (self.models.models_on(device) if scope else self.models.loaded_models()):
-                out = await self.models.unload_all(reason=f"gate: {reason}", device=scope)
+            if not ok and self.models.models_on(device):
+                out = await self.models.unload_all(reason=f"gate: {reason}", device=device)
                 settling = settling or out.settling
                 self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
                 ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
@@ -315,12 +310,11 @@ class MemoryGate:
         """A ``kind`` run hit CUDA OOM (on ``device``): unload every model and every other
         pipeline there before its retry. Returns what was done."""
         actions = []
-        scope = device if len(self.lanes) > 1 else None
         if self.pipelines is not None:
-            freed = await self.pipelines.unload_idle(kind, device=scope)
+            freed = await self.pipelines.unload_idle(kind, device=device)
             if freed:
                 actions.append(f"unloaded pipelines: {', '.join(freed)}")
-        out = await self.models.unload_all(reason=f"OOM in {reason}", device=scope)
+        out = await self.models.unload_all(reason=f"OOM in {reason}", device=device)
         if out.unloaded:
             self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
             actions.append(f"unloaded all models: {', '.join(out.unloaded)}")

@@ -94,6 +94,7 @@ def test_stream_passes_chunks_as_they_come(
         "model": "fast",
         "stream": True,
         "max_tokens": 400,
+        "temperature": 0,  # greedy: the same answer every run (random weights may stop early)
         "messages": [{"role": "user", "content": "go"}],
     }
     arrivals = []
