@@ -117,13 +117,14 @@ def projector_size(path: Path) -> ProjectorSize:
 
     The weights are its tensors. The compute buffer is the graph clip reserves at
     load for one warm-up image of ``clip.vision.image_size`` (clip.cpp,
-    ``get_dummy_batch`` and ``reserve_compute_meta``): the image in f32 plus, per patch
-    position, the encoder's feed-forward and embedding widths in f32; layers reuse it.
-    Against clip's "CPU compute buffer size" log line: 12.55 MiB for a ViT-L/14 at
-    336 px (576 positions, width 1024, ff 4096) where this gives 12.56, with and without
-    flash attention; 1.35 MiB for a ViT-B/16-like encoder at 224 px, this 1.53 (the
-    allowance errs high). Projectors that tile or resize images (dynamic resolution)
-    warm up at other sizes: for them this is a floor. Raises InvalidModelFile.
+    ``get_dummy_batch`` and ``reserve_compute_meta``; layers reuse it): the image in
+    f32, plus per patch position the wider of the encoder stage (2.5 x its width;
+    2.3 measured at width 1024) and the projector's first layer with the encoder output (``mm.*``
+    output + width). Against clip's "CPU compute buffer size" line (same with and
+    without flash attention), ViT-L/14 at 336 px: 12.55 MiB with a 4096-wide MLP (this
+    gives 12.56), 6.44 MiB with a 64-wide one (this 6.92). A 256-wide encoder at 224 px
+    logged 1.35 MiB where this gives 1.15, 0.2 MiB low; projectors that tile or resize
+    images (dynamic resolution) warm up at other sizes. Raises InvalidModelFile.
     """
     path = Path(path)
     reader = _open(path, "projector")
@@ -135,10 +136,14 @@ def projector_size(path: Path) -> ProjectorSize:
         value = _field(reader, f"clip.vision.{name}")
         return int(value) if isinstance(value, int) else 0
 
-    size, patch = key("image_size"), key("patch_size")
-    width, ff = key("embedding_length"), key("feed_forward_length")
+    size, patch, width = key("image_size"), key("patch_size"), key("embedding_length")
+    mlp = max(
+        (int(t.shape[1]) for t in reader.tensors if t.name.startswith("mm.") and len(t.shape) > 1),
+        default=0,
+    )
     positions = (size // patch) ** 2 + 1 if size and patch else 0  # + a class embedding
-    compute = 3 * size * size * 4 + positions * (ff + width) * 4
+    per_position = max(mlp + width, 5 * width // 2)
+    compute = 3 * size * size * 4 + positions * per_position * 4
     return ProjectorSize(weights_mb=weights / MB, compute_mb=compute / MB)
 
 

@@ -163,8 +163,9 @@ def test_heads_are_needed_unless_the_model_is_recurrent(tmp_path: Path) -> None:
 
 
 def test_projector_size(tmp_path: Path) -> None:
-    """Weights are the projector's tensors; its compute, the warm-up image (f32) plus
-    n_pos x (ff + width) f32, with a class position (gguf_header.projector_size)."""
+    """Weights are the projector's tensors; its compute, the warm-up image (f32) plus,
+    per position (a class one included), the wider of 2.5 x width and the MLP's first
+    layer + width, f32 (gguf_header.projector_size)."""
     shape = TinyVisionShape(n_embd=256, n_ff=1024, n_head=4, image_size=224, patch_size=16)
     path = write_tiny_mmproj(tmp_path / "mmproj.gguf", shape)
     size = projector_size(path)
@@ -172,7 +173,9 @@ def test_projector_size(tmp_path: Path) -> None:
 
     weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
     assert size.weights_mb * MiB == weights
-    assert size.compute_mb * MiB == 3 * 224 * 224 * 4 + (14 * 14 + 1) * (1024 + 256) * 4
+    assert size.compute_mb * MiB == 3 * 224 * 224 * 4 + (14 * 14 + 1) * (256 * 5 // 2) * 4
+    wide = write_tiny_mmproj(tmp_path / "wide.gguf", TinyVisionShape(proj_hidden=4096))
+    assert projector_size(wide).compute_mb * MiB == 3 * 32 * 32 * 4 + 17 * (4096 + 32) * 4
     assert projector_mb(path) == size.total_mb == size.weights_mb + size.compute_mb
     with pytest.raises(InvalidModelFile):
         projector_mb(tmp_path / "missing.gguf")
