@@ -101,7 +101,10 @@ class LoadedModelInfo(BaseModel):
     n_gpu_layers: int = Field(description="GPU layers the load really used (the rung's).")
     n_ctx: int = Field(description="Context the load really used.")
     vram_estimate_mb: float = Field(description="GGUF-header estimate plus the CUDA context.")
-    vram_measured_mb: float | None = Field(description="NVML's per-process figure (null: no NVML).")
+    vram_measured_mb: float | None = Field(
+        description="What the load measured on the GPU (see `settled_from`); null: nothing "
+        "measured there."
+    )
     rss_mb: float | None = Field(description="Resident memory of the worker process.")
     pid: int
     port: int
@@ -120,6 +123,14 @@ class LoadedModelInfo(BaseModel):
     )
     devices: list[str] = Field(
         description="Every device the model is placed on (several when split across GPUs)."
+    )
+    settled_from: str = Field(
+        description="What the ledger's figure for it came from: `nvml_process` (NVML lists "
+        "the worker), `device_delta` (the device's used memory before and after the load: "
+        "a container), `rss` (no GPU layers: its resident memory) or `estimate`."
+    )
+    projector_mb: float = Field(
+        description="A vision projector's estimated need, included in the reservation."
     )
 
 
@@ -254,6 +265,15 @@ class PipelineInfoOut(BaseModel):
     )
 
 
+class LlmBackendInfo(BaseModel):
+    configured: str = Field(description="`models.backend` as configured (`auto` by default).")
+    backend: str = Field(description="What it means here: `llama-server` or `llama-cpp-python`.")
+    because: str = Field(description="Why: configured, or what `auto` found.")
+    fallback: bool = Field(
+        description="True when `auto` fell back to llama-cpp-python: no llama-server binary."
+    )
+
+
 class SystemMemory(BaseModel):
     """Memory now, with what is loaded and what the gate is doing."""
 
@@ -287,6 +307,9 @@ class SystemMemory(BaseModel):
     devices: list[DeviceReportInfo] = Field(
         description="Every device Edison places work on, with its budget, line and heavy slot "
         "(`device` above is the first)."
+    )
+    llm_backend: LlmBackendInfo = Field(
+        description="The worker backend of LLM tiers without their own `backend`."
     )
 
 

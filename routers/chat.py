@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.deps import ChatDep
+from app.streaming import ClosingStreamingResponse
 from services.llm.chat import ChatRouting
 from services.llm.chat_checks import (
     FLOAT_BOUNDS,
@@ -174,8 +175,10 @@ async def chat_completions(req: ChatRequest, chat: ChatDep) -> Any:
     body.setdefault("model", "auto")
     if req.stream:
         opened = await chat.stream(body)
-        return StreamingResponse(
+        # The lease on the model ends however the response ends (a client gone at once).
+        return ClosingStreamingResponse(
             opened.chunks,
+            on_close=opened.close,
             media_type="text/event-stream",
             headers={**_headers(opened.routing), "Cache-Control": "no-cache"},
         )

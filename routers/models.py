@@ -32,13 +32,21 @@ class LoadAttemptInfo(BaseModel):
     ok: bool
     reason: str = Field(description="`ready`, or why the attempt failed.")
     ms: float
+    failure: str | None = Field(
+        None,
+        description="Why it failed: `memory` (the ladder walks on to a smaller rung), "
+        "`model`, `backend`, `timeout` or `crash` (the tier fails at once).",
+    )
     at: float
 
 
 class TierInfo(BaseModel):
     tier: str
     heavy: bool
-    status: str = Field(description="unloaded, loading, loaded, unloading or failed.")
+    status: str = Field(
+        description="unloaded, loading, loaded, draining (being unloaded: no new requests), "
+        "unloading or failed."
+    )
     path: str
     n_gpu_layers: int = Field(description="Configured GPU layers (-1: all).")
     n_ctx: int = Field(description="Configured context.")

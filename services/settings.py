@@ -13,11 +13,21 @@ generated from them (``edison config-reference``) and a test keeps the two equal
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from services.errors import ConfigError
@@ -247,6 +257,22 @@ class VisionTierSettings(TierSettings):
     )
 
 
+def default_llama_server() -> Path:
+    """The llama-server ``make install`` builds: bin/llama-server of this Python's venv."""
+    return Path(sys.prefix) / "bin" / "llama-server"
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The worker backend tiers without their own get, and why."""
+
+    configured: str  # models.backend as written: auto, llama-server or llama-cpp-python
+    backend: str  # what it means here
+    because: str
+    key: tuple[Any, ...] = field(default=(), repr=False)  # the settings it was decided on
+    fallback: bool = False  # auto fell back to llama-cpp-python: no llama-server binary
+
+
 class ModelsSettings(_Section):
     fast: TierSettings | None = Field(None, description="Always-resident small model.")
     medium: TierSettings | None = Field(None, description="Heavy-slot tier.")
@@ -267,16 +293,25 @@ class ModelsSettings(_Section):
     n_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads per worker (default: llama.cpp's)."
     )
-    backend: Literal["llama-cpp-python", "llama-server"] = Field(
-        "llama-cpp-python",
-        description="Worker process of every tier: `llama-cpp-python` (python -m "
-        "llama_cpp.server, one request at a time) or `llama-server` (llama.cpp's C++ server: "
-        "parallel slots, continuous batching). Per tier: models.<tier>.backend.",
+    backend: Literal["auto", "llama-server", "llama-cpp-python"] = Field(
+        "auto",
+        description="Worker process of every tier: `llama-server` (llama.cpp's C++ server: "
+        "parallel slots, continuous batching), `llama-cpp-python` (python -m "
+        "llama_cpp.server, one request at a time), or `auto`: llama-server where its binary "
+        "is present, else llama-cpp-python (logged, and shown in /system/memory). Per tier: "
+        "models.<tier>.backend.",
     )
     llama_server_binary: Path | None = Field(
         None,
         description="The llama-server executable (default: bin/llama-server of Edison's venv, "
         "which `make install` builds from the llama.cpp that llama-cpp-python vendors).",
+    )
+    llama_server_cache_ram_mb: int = Field(
+        256,
+        ge=0,
+        le=1048576,
+        description="Cap on each llama-server worker's prompt cache in RAM (`--cache-ram`; "
+        "llama.cpp's own default is 8192), counted in the load's RAM need. 0 turns it off.",
     )
     min_residency_s: float = Field(
         30,
@@ -298,9 +333,31 @@ class ModelsSettings(_Section):
         """The configured tiers, in loading order, absent ones left out."""
         return {name: t for name in TIER_NAMES if (t := getattr(self, name)) is not None}
 
+    _choice: BackendChoice | None = PrivateAttr(None)
+
+    def backend_choice(self) -> BackendChoice:
+        """What ``models.backend`` means here: ``auto`` is llama-server where its binary is
+        present (a file Edison may run), else llama-cpp-python. Decided once per value."""
+        key = (self.backend, self.llama_server_binary)
+        if self._choice is not None and self._choice.key == key:
+            return self._choice
+        if self.backend != "auto":
+            choice = BackendChoice(self.backend, self.backend, "configured", key)
+        else:
+            binary = self.llama_server_binary or default_llama_server()
+            if binary.is_file() and os.access(binary, os.X_OK):
+                why = f"auto: llama-server binary present at {binary}"
+                choice = BackendChoice("auto", "llama-server", why, key)
+            else:
+                why = f"auto: no llama-server binary at {binary} (build it with `make install`)"
+                choice = BackendChoice("auto", "llama-cpp-python", why, key, fallback=True)
+        self._choice = choice
+        return choice
+
     def backend_of(self, tier: TierSettings) -> str:
-        """The worker backend a tier runs on: its own, else models.backend."""
-        return tier.backend or self.backend
+        """The worker backend a tier runs on: its own, else models.backend (``auto``
+        resolved, see :meth:`backend_choice`)."""
+        return tier.backend or self.backend_choice().backend
 
     def parallel_of(self, tier: TierSettings) -> int:
         """Slots of a tier's worker: its own, else 4 on llama-server, 1 on llama-cpp-python."""
@@ -312,9 +369,10 @@ class ModelsSettings(_Section):
     def _parallel_needs_llama_server(self) -> ModelsSettings:
         for name, tier in self.tiers().items():
             if self.parallel_of(tier) > 1 and self.backend_of(tier) != "llama-server":
+                why = f" ({self.backend_choice().because})" if tier.backend is None else ""
                 raise ValueError(
                     f"{name}.parallel {tier.parallel} needs backend llama-server: "
-                    "llama-cpp-python serves one request at a time"
+                    f"llama-cpp-python serves one request at a time{why}"
                 )
         return self
 

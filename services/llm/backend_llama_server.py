@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.llm.backend_llama_cpp_python import PDEATHSIG_PRELUDE
+from services.settings import default_llama_server
 
 if TYPE_CHECKING:
     from services.llm.worker_command import WorkerSpec
@@ -66,7 +67,7 @@ CHAT_TEMPLATES: dict[str, str | None] = {
 }
 
 # Optional flags used when this build knows them (read from ``--help``).
-OPTIONAL_FLAGS = ("--fit", "--no-webui", "--metrics")
+OPTIONAL_FLAGS = ("--fit", "--no-webui", "--metrics", "--cache-ram")
 
 _CAUSE = re.compile(
     r"error|invalid|fail|unable|cannot|couldn't|out of memory|not within|no such file",
@@ -93,7 +94,7 @@ except OSError as exc:
 
 def default_binary() -> Path:
     """The llama-server ``make install`` builds: bin/llama-server of this Python's venv."""
-    return Path(sys.prefix) / "bin" / "llama-server"
+    return default_llama_server()
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,10 @@ def build_command(
         cmd += ["--no-webui"]
     if "--metrics" in flags:
         cmd += ["--metrics"]
+    if "--cache-ram" in flags and spec.cache_ram_mb is not None:
+        # Its prompt cache grows in RAM after the load (8192 MiB by default): capped, and
+        # the cap is counted in the load's RAM need.
+        cmd += ["--cache-ram", str(spec.cache_ram_mb)]
     if spec.n_threads is not None:
         cmd += ["--threads", str(spec.n_threads)]
     template = chat_template(spec.chat_format)

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 
 from services.errors import ContextLengthExceeded, UpstreamError, UpstreamRejected
@@ -95,10 +96,16 @@ class ChatCompletion:
 @dataclass(frozen=True)
 class ChatStream:
     """An open streaming completion: the routing, known before the first byte, and the
-    SSE bytes as the worker sends them."""
+    SSE bytes as the worker sends them.
+
+    ``close`` ends it (the upstream request and the model's lease); the caller awaits it
+    once the response is over however it ended, a client gone before the first chunk
+    included (the chunks' own ``finally`` never runs for an iterator never started, and
+    is cancelled again in a cancelled task). Idempotent."""
 
     routing: ChatRouting
     chunks: AsyncIterator[bytes] = field(repr=False)
+    close: Callable[[], Awaitable[None]] = field(repr=False)
 
 
 # Error text from a worker that reaches a client or a log: one line, this long at most
@@ -290,7 +297,16 @@ class ChatProxy:
         route = choose_tier(body.get("model"), has_images(body["messages"]))
         async with self.manager.use(route.tier) as res:
             data, done = await self._post(body, res)
+        self._after_images(body, res)
         return ChatCompletion(data, self._routing(route, res, done))
+
+    def _after_images(self, body: dict[str, Any], res: Resolution) -> None:
+        """A worker's first image loaded its projector (llama-cpp-python does it then):
+        measure the worker again in the background (``ModelManager.settle_projector``)."""
+        if res.model.projector_pending_mb and has_images(body.get("messages", [])):
+            self.manager.spawn(
+                self.manager.settle_projector(res.model), f"edison-settle-{res.tier}"
+            )
 
     async def complete_on(self, res: Resolution, body: dict[str, Any]) -> ChatCompletion:
         """A non-streaming completion on a tier the caller already holds in use (the
@@ -319,8 +335,8 @@ class ChatProxy:
         """
         body = await self._checked(body)
         route = choose_tier(body.get("model"), has_images(body["messages"]))
-        use = self.manager.use(route.tier)
-        res = await use.__aenter__()
+        lease = await self.manager.acquire(route.tier)
+        res = lease.resolution
         try:
             sent, done = await self._fit(body, res)
             req = self.client.build_request(
@@ -335,9 +351,21 @@ class ChatProxy:
             except BaseException:
                 await upstream.aclose()
                 raise
-        except BaseException as exc:
-            await use.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            lease.release()
             raise
+
+        async def close() -> None:
+            if lease.released:
+                return
+            # Why first and synchronous: the lease must end even if this task is being
+            # cancelled (a client that went away), where any await below raises again.
+            lease.release()
+            self._after_images(body, res)
+            # Why shielded: closing the upstream response stops the worker generating for
+            # nobody; in a cancelled scope the close itself would be cancelled.
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
@@ -355,9 +383,6 @@ class ChatProxy:
                 }
                 yield f"data: {json.dumps(err)}\n\n".encode()
             finally:
-                # Why: a client that disconnects cancels this generator; closing the
-                # upstream response stops the worker generating for nobody.
-                await upstream.aclose()
-                await use.__aexit__(None, None, None)
+                await close()
 
-        return ChatStream(self._routing(route, res, done), chunks())
+        return ChatStream(self._routing(route, res, done), chunks(), close)

@@ -1,11 +1,16 @@
 """ModelManager: the one owner of every loaded LLM and every load.
 
-Each model runs in its own ``llama_cpp.server`` worker process (``worker.py``);
-unloading ends the process, after which the driver really has the memory back. Tiers:
-``fast`` stays resident; ``medium``, ``deep``, ``reasoning`` and ``vision`` share the
-heavy slot (one at a time). A load walks the ladder of GPU layers x context sizes
-(``loader.py``) from the rung that placement says fits, and every load reserves its
-estimate in the memory ledger before it starts.
+Each model runs in its own worker process (``worker.py``: llama-server, or
+``llama_cpp.server``); unloading ends the process, after which the driver really has the
+memory back. Tiers: ``fast`` stays resident; ``medium``, ``deep``, ``reasoning`` and
+``vision`` share the heavy slot (one at a time). A load walks the ladder of GPU layers x
+context sizes (``loader.py``) from the rung that placement says fits, and every load
+reserves its estimate in the memory ledger before it starts.
+
+A request holds its model through a :class:`Lease`, released on every path (a stream's
+client that disconnects before the first chunk included). A model being unloaded is
+*draining*: it gets no new leases (requests wait for the reload, or fall back), and the
+unload waits for the leases out (up to ``DRAIN_TIMEOUT_S``) before it ends the worker.
 
 The gate, the chat endpoints, the swarm and /system/memory all go through this class.
 """
@@ -17,7 +22,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +38,21 @@ from services.llm.loader import LadderLoader
 from services.llm.records import (
     FALLBACKS,
     EagerLoad,
+    Lease,
     LoadedModel,
     Resolution,
     TierState,
     TierView,
 )
+from services.llm.settle import remeasure
 from services.llm.slots import Candidates, heavy_slots, load_candidates
 from services.llm.unloads import Unloads
 from services.llm.worker import LlamaWorker
+from services.memory.devices import UnloadCost
 from services.memory.ledger import CPU
 from services.memory.placement import Placement
 from services.memory.probe import MemorySnapshot
-from services.settings import HEAVY_TIERS, TIER_NAMES, Settings
+from services.settings import HEAVY_TIERS, TIER_NAMES, BackendChoice, Settings
 
 log = logging.getLogger("edison.models")
 
@@ -73,16 +81,27 @@ class ModelManager(Unloads):
             name: TierState(name, cfg, name in HEAVY_TIERS)
             for name, cfg in settings.models.tiers().items()
         }
-        # Why: loads and unloads change which workers exist and what the ledger holds;
-        # one at a time (as Ollama does) keeps the heavy-slot rule and the memory check
-        # true. It is an asyncio lock: requests to loaded models and /system/memory
-        # never wait on it.
+        # Why two locks: loads go one at a time (as Ollama's do), which keeps the
+        # heavy-slot rule and each load's memory check true (_load_lock, held for a whole
+        # ladder walk). Unloads and a load's decisions (which worker exists, evictions,
+        # committing the loaded model) take _lock, which is never held across a walk:
+        # an unload the gate needs never waits for worker starts. Both are asyncio
+        # locks; requests to loaded models and /system/memory wait on neither.
+        self._load_lock = asyncio.Lock()
         self._lock = asyncio.Lock()
+        self._closing = False
         self._reaper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         # The residency rule's clock and wait (tests give their own).
         self.clock: Callable[[], float] = time.time
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        choice = self.backend_choice()
+        log.log(
+            logging.WARNING if choice.fallback else logging.INFO,
+            "LLM backend: %s (%s)",
+            choice.backend,
+            choice.because,
+        )
 
     # ---- views ---------------------------------------------------------------------
     @property
@@ -101,6 +120,26 @@ class ModelManager(Unloads):
         """The running workers placed on ``device``."""
         return [m for m in self.loaded_models() if m.on(device)]
 
+    def unload_cost(self, device: str) -> UnloadCost:
+        """What unloading the workers holding memory on ``device`` would cost (the gate's
+        and placement's view of them)."""
+        held = [
+            (m.key, sum(r.mb for r in m.reservations if r.device == device), m.ready_ms)
+            for m in self.models_on(device)
+        ]
+        held = [(key, mb, ms) for key, mb, ms in held if mb > 0]
+        light = any(key not in HEAVY_TIERS for key, _, _ in held)  # the fast tier
+        reload_s = sum(ms for _, _, ms in held) / 1000
+        return UnloadCost(light, len(held), sum(mb for _, mb, _ in held), reload_s)
+
+    def restore_soon(self, tiers: Iterable[str]) -> None:
+        """Bring back in the background the tiers among ``tiers`` that stay resident (the
+        light tier); a heavy tier comes back when a request asks for it."""
+        for key in tiers:
+            tier = self.tiers.get(key)
+            if tier is not None and not tier.heavy:
+                self.ensure_loaded_soon(key)
+
     def loaded_models(self) -> list[LoadedModel]:
         """Every running worker's model (a tier served by another's worker counts once)."""
         return [t.model for t in self.tiers.values() if t.model and not t.alias_of]
@@ -110,6 +149,14 @@ class ModelManager(Unloads):
 
     def tier_view(self, key: str) -> TierView:
         return self._tier(key).view()
+
+    def backend_choice(self) -> BackendChoice:
+        """The worker backend of tiers without their own, and why (``auto`` resolved)."""
+        return self.settings.models.backend_choice()
+
+    def leases(self) -> int:
+        """Requests holding a model now (every running worker's together)."""
+        return sum(m.active for m in self.loaded_models())
 
     def loads_total(self) -> int:
         return sum(t.loads for t in self.tiers.values())
@@ -132,6 +179,7 @@ class ModelManager(Unloads):
         self._reaper = asyncio.create_task(self._reap_idle(), name="edison-idle-reaper")
 
     async def shutdown(self) -> None:
+        self._closing = True  # a walk still under way ends its worker when it is done
         if self._reaper:
             self._reaper.cancel()
         for task in list(self._background):
@@ -177,11 +225,12 @@ class ModelManager(Unloads):
         """Load ``tier``; return its model and the seconds waited for a heavy model's
         residency (``chat``: the residency rule applies, see ``_load_locked``)."""
         model = tier.model
-        if model is not None and tier.status == "loaded" and model.worker.alive:
+        if self._serving_now(tier):
+            assert model is not None
             return model, 0.0  # the common case never waits behind another tier's load
         waited = 0.0
         while True:
-            async with self._lock:
+            async with self._load_lock:
                 try:
                     return await self._load_locked(tier, reason, chat=chat), waited
                 except ResidencyHold as hold:
@@ -217,18 +266,70 @@ class ModelManager(Unloads):
         )
         return where, snap
 
+    def _serving_now(self, tier: TierState) -> bool:
+        """True when ``tier`` has a live worker that takes new requests (not draining)."""
+        m = tier.model
+        return m is not None and tier.status == "loaded" and m.worker.alive and not m.draining
+
     async def _load_locked(self, tier: TierState, reason: str, *, chat: bool) -> LoadedModel:
-        if tier.model is not None and tier.model.worker.alive:
-            return tier.model
-        twin = self._twin(tier)
-        if twin is not None:
-            tier.model, tier.alias_of, tier.status = twin.model, twin.name, "loaded"
-            log.info(
-                "Model %s served by the %s worker (same file, context, layers)",
-                tier.name,
-                twin.name,
-            )
-            return twin.model  # type: ignore[return-value]
+        """Under _load_lock: decide and evict under _lock, walk the ladder without it,
+        commit under it again."""
+        async with self._lock:  # an unload under way (a drain) finishes first
+            if tier.model is not None and tier.model.worker.alive and not tier.model.draining:
+                return tier.model
+            twin = self._twin(tier)
+            if twin is not None:
+                tier.model, tier.alias_of, tier.status = twin.model, twin.name, "loaded"
+                log.info(
+                    "Model %s served by the %s worker (same file, context, layers)",
+                    tier.name,
+                    twin.name,
+                )
+                return twin.model  # type: ignore[return-value]
+            plan, snap = await self._plan(tier, chat=chat)
+            for occupant in plan.evicts:
+                await self._unload_locked(
+                    self.tiers[occupant], f"heavy slot on {plan.device} wanted by {tier.name}"
+                )
+            tier.status = "loading"
+            self._publish("model.loading", tier)
+        try:
+            # An eviction changed memory since the snapshot: then the load probes anew.
+            model = await self.loader.load(tier, plan, None if plan.evicts else snap)
+        except Exception as exc:
+            tier.status = "failed"
+            tier.last_error = getattr(exc, "message", None) or str(exc)
+            self._publish("model.failed", tier)
+            raise
+        async with self._lock:
+            if self._closing:
+                await model.worker.stop(self.settings.models.unload_timeout_s)
+                for r in model.all_reservations:
+                    self.ledger.release(r)
+                tier.status = "unloaded"
+                raise ModelUnavailable(f"{tier.name} loaded while Edison was shutting down")
+            tier.model, tier.status = model, "loaded"
+            tier.loads += 1
+            self._publish("model.loaded", tier)
+        log.info(
+            "Model loaded: tier=%s reason=%s rung=%d layers=%d ctx=%d device=%s "
+            "estimate=%.0fMB measured=%s rss=%s ready=%.0fms",
+            tier.name,
+            reason,
+            model.rung,
+            model.n_gpu_layers,
+            model.n_ctx,
+            model.device,
+            model.vram_estimate_mb if model.device != CPU else model.ram_estimate_mb,
+            "n/a" if model.vram_measured_mb is None else f"{model.vram_measured_mb:.0f}MB",
+            "n/a" if model.rss_mb is None else f"{model.rss_mb:.0f}MB",
+            model.ready_ms,
+        )
+        return model
+
+    async def _plan(self, tier: TierState, *, chat: bool) -> tuple[Any, MemorySnapshot]:
+        """Where ``tier`` loads (``loader.plan``) and the snapshot decided on; records a
+        failure to plan as the tier's last error."""
         before = tier.last_error, tier.attempts
         tier.last_error, tier.attempts = None, []
         try:
@@ -245,38 +346,7 @@ class ModelManager(Unloads):
         except Exception as exc:
             tier.last_error = getattr(exc, "message", None) or str(exc)
             raise
-        for occupant in plan.evicts:
-            await self._unload_locked(
-                self.tiers[occupant], f"heavy slot on {plan.device} wanted by {tier.name}"
-            )
-        tier.status = "loading"
-        self._publish("model.loading", tier)
-        try:
-            # An eviction changed memory since the snapshot: then the load probes anew.
-            model = await self.loader.load(tier, plan, None if plan.evicts else snap)
-        except Exception as exc:
-            tier.status = "failed"
-            tier.last_error = getattr(exc, "message", None) or str(exc)
-            self._publish("model.failed", tier)
-            raise
-        tier.model, tier.status = model, "loaded"
-        tier.loads += 1
-        self._publish("model.loaded", tier)
-        log.info(
-            "Model loaded: tier=%s reason=%s rung=%d layers=%d ctx=%d device=%s "
-            "estimate=%.0fMB measured=%s rss=%s ready=%.0fms",
-            tier.name,
-            reason,
-            model.rung,
-            model.n_gpu_layers,
-            model.n_ctx,
-            model.device,
-            model.vram_estimate_mb if model.device != CPU else model.ram_estimate_mb,
-            "n/a" if model.vram_measured_mb is None else f"{model.vram_measured_mb:.0f}MB",
-            "n/a" if model.rss_mb is None else f"{model.rss_mb:.0f}MB",
-            model.ready_ms,
-        )
-        return model
+        return plan, snap
 
     def _serving(self, tier: TierState) -> tuple[str, int, str | int]:
         """What else must match for one worker to serve two tiers: backend, slots, device."""
@@ -304,7 +374,7 @@ class ModelManager(Unloads):
         for tier in self.tiers.values():
             if tier.model is not None and tier.model.worker is worker:
                 if tier.alias_of is None:
-                    for r in tier.model.reservations:
+                    for r in tier.model.all_reservations:
                         self.ledger.release(r)
                 tier.model, tier.alias_of, tier.status = None, None, "unloaded"
                 tier.last_error = f"worker exited with code {code}: {worker.stderr_tail(3)[-300:]}"
@@ -337,26 +407,46 @@ class ModelManager(Unloads):
             f"No tier could serve {key!r}: " + "; ".join(reasons), tier=key, tried=chain
         )
 
-    @contextlib.asynccontextmanager
-    async def use(self, key: str, *, fallback: bool = True) -> AsyncIterator[Resolution]:
-        """Resolve a tier and hold it in use: it is not evicted while the block runs
-        (evictions wait up to DRAIN_TIMEOUT_S for blocks in flight)."""
-        for _ in range(3):  # a worker may die between the load and this line: load again
+    async def acquire(self, key: str, *, fallback: bool = True) -> Lease:
+        """Resolve a tier and lease its model: it is not evicted until the lease is
+        released (an eviction waits up to DRAIN_TIMEOUT_S for leases out). The caller
+        must release it on every path; ``release`` is idempotent and never waits."""
+        for _ in range(3):  # a worker may die (or start draining) between load and lease
             res = await self.resolve(key, fallback=fallback)
             model = res.model
-            if model.worker.alive and self.tiers[res.tier].model is model:
+            # No await between these checks and the lease: an unload that starts draining
+            # after them sees this request in flight.
+            if model.worker.alive and self.tiers[res.tier].model is model and not model.draining:
                 break
         else:
-            raise ModelUnavailable(f"The {res.tier} worker kept dying right after loading")
+            raise ModelUnavailable(f"The {res.tier} worker kept going away right after loading")
         model.active += 1
         model.idle.clear()
+        return Lease(res, model)
+
+    @contextlib.asynccontextmanager
+    async def use(self, key: str, *, fallback: bool = True) -> AsyncIterator[Resolution]:
+        """:meth:`acquire` as a block: the lease ends with it."""
+        lease = await self.acquire(key, fallback=fallback)
         try:
-            yield res
+            yield lease.resolution
         finally:
-            model.active -= 1
-            model.last_used_at = time.time()
-            if model.active == 0:
-                model.idle.set()
+            lease.release()
+
+    async def settle_projector(self, model: LoadedModel) -> None:
+        """After a worker's first image: measure it again now that llama-cpp-python has
+        loaded its projector, and book that instead of the projector's estimate (kept when
+        the load's evidence cannot be read again: see ``settle.remeasure``)."""
+        if not model.projector_pending_mb:
+            return
+        model.projector_pending_mb = 0.0
+        on_gpu = model.device != CPU and model.n_gpu_layers != 0
+        mb = await remeasure(self.placement, model.pid, model.settled_from, on_gpu=on_gpu)  # type: ignore[arg-type]
+        booked = model.reservation if on_gpu or model.device == CPU else model.ram_reservation
+        if mb is None or booked is None or not model.worker.alive:
+            return
+        self.ledger.settle(booked, mb)
+        log.info("Model %s settled at %.0f MB once its projector loaded", model.key, mb)
 
     def ensure_loaded_soon(self, key: str) -> None:
         """Bring a tier back in the background (used after heavy tasks)."""

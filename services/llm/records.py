@@ -34,7 +34,14 @@ class LoadAttempt:
     ok: bool
     reason: str
     ms: float
+    # Why it failed (services/llm/failures.py): memory | model | backend | timeout | crash;
+    # None when it loaded. Only "memory" walks the ladder on.
+    failure: str | None = None
     at: float = field(default_factory=time.time)
+
+    @property
+    def walks(self) -> bool:
+        return self.failure == "memory"
 
 
 @dataclass
@@ -65,8 +72,19 @@ class LoadedModel:
     backend: str = "llama-cpp-python"
     parallel: int = 1  # requests the worker serves at once (llama-server slots)
     slot_ctx: int = 0  # the context one request may fill (n_ctx / slots on llama-server)
+    # Where the ledger's figure came from (services/llm/settle.py): nvml_process,
+    # device_delta, rss, or estimate.
+    settled_from: str = "estimate"
+    projector_mb: float = 0.0  # the vision projector's need, included in the reservation
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    # On a GPU host, the RAM the load booked beside its VRAM (all of it on a CPU rung).
+    ram_reservation: Reservation | None = field(default=None, repr=False)
+    # A projector llama-cpp-python loads at the first image: booked on its estimate until
+    # then, and measured again after it (ModelManager.settle_projector).
+    projector_pending_mb: float = field(default=0.0, repr=False)
+    # Being unloaded: gets no new requests; the unload waits for those in flight.
+    draining: bool = field(default=False, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -74,7 +92,14 @@ class LoadedModel:
 
     @property
     def reservations(self) -> tuple[Reservation, ...]:
+        """The device entries: its card (or cards, when split); on a CPU host its RAM."""
         return (self.reservation, *self.split_reservations)
+
+    @property
+    def all_reservations(self) -> tuple[Reservation, ...]:
+        """Every ledger entry of this worker: the device ones and its RAM on a GPU host."""
+        ram = (self.ram_reservation,) if self.ram_reservation is not None else ()
+        return (*self.reservations, *ram)
 
     def on(self, device: str) -> bool:
         """True when this model is placed on ``device`` (one of its cards, when split)."""
@@ -88,7 +113,7 @@ class TierState:
     name: str
     cfg: TierSettings
     heavy: bool
-    status: str = "unloaded"  # unloaded | loading | loaded | unloading | failed
+    status: str = "unloaded"  # unloaded | loading | loaded | draining | unloading | failed
     last_error: str | None = None
     attempts: list[LoadAttempt] = field(default_factory=list)
     model: LoadedModel | None = None
@@ -162,3 +187,25 @@ class Resolution:
     model: LoadedModel
     fallback_reason: str | None = None
     residency_wait_s: float | None = None  # waited for a heavy model's min residency
+
+
+@dataclass
+class Lease:
+    """A request's hold on the model that answers it (``ModelManager.acquire``).
+
+    ``release`` is synchronous and idempotent, so every path can call it, a cancelled
+    one included: an async release in a cancelled task never runs."""
+
+    resolution: Resolution
+    model: LoadedModel = field(repr=False)
+    released: bool = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        m = self.model
+        m.active -= 1
+        m.last_used_at = time.time()
+        if m.active == 0:
+            m.idle.set()

@@ -1,8 +1,13 @@
 """Unloading LLM workers: one tier, a device's heavy slot, or every worker (on a device).
 
-Part of the ModelManager (``manager.py``), which owns the tiers, the load lock and the
+Part of the ModelManager (``manager.py``), which owns the tiers, the locks and the
 workers; kept here so each file holds one idea. Ending a worker's process is what gives
 the driver its memory back; the ledger entries go with it.
+
+An unload first *drains* the model: from then on it gets no new leases (requests wait
+for the reload or fall back), and the worker is ended once the leases out are back, or
+after ``DRAIN_TIMEOUT_S``. Then it waits until the driver shows the memory back: NVML's
+per-process figure where NVML lists our pids, else the device's used figure falling.
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ from collections.abc import Callable
 
 import anyio
 
-from services.llm.records import TierState, UnloadResult
+from services.llm.records import LoadedModel, TierState, UnloadResult
+from services.llm.settle import gpu_index
 from services.memory.ledger import CPU, MemoryLedger
-from services.memory.placement import Placement, flush_gpu_memory, wait_gpu_memory_released
+from services.memory.placement import (
+    DeviceDrop,
+    Placement,
+    flush_gpu_memory,
+    wait_gpu_memory_released,
+)
+from services.memory.probe import MemorySnapshot
 from services.settings import Settings
 
 log = logging.getLogger("edison.models")
@@ -72,6 +84,16 @@ class Unloads:
             before = await self._free_mb(device)
             unloaded: list[str] = []
             held, settling = 0.0, False
+            # Drain every model at once: requests to any of them stop coming together.
+            await self._drain(
+                [
+                    t.model
+                    for t in self.tiers.values()
+                    if t.model is not None
+                    and t.alias_of is None
+                    and (device is None or t.model.on(device))
+                ]
+            )
             for tier in self.tiers.values():
                 if device is not None and (tier.model is None or not tier.model.on(device)):
                     continue
@@ -94,11 +116,9 @@ class Unloads:
             tier.model, tier.alias_of, tier.status = None, None, "unloaded"
             return UnloadResult([tier.name])
         device = device or model.device
-        before = await self._free_mb(device) if measure else 0.0
-        if model.active:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                    await model.idle.wait()
+        await self._drain([model])
+        view = await self.placement.view(device=device)
+        before = view.budget.driver_free_mb
         sharing = [t for t in self.tiers.values() if t.model is model]
         for t in sharing:
             t.status = "unloading"
@@ -113,15 +133,9 @@ class Unloads:
             self._publish("model.unloaded", t)
         settling = False
         if model.device != CPU and model.n_gpu_layers:
-            released = await wait_gpu_memory_released(
-                self.probe,
-                model.pid,
-                self.settings.memory.recovery_wait_s,
-                self.settings.memory.recovery_poll_s,
-            )
-            settling = released is not True  # unconfirmed: the driver's figure may lag
+            settling = not await self._released(model, view.snapshot)
         held = sum(r.mb for r in model.reservations)
-        for r in model.reservations:
+        for r in model.all_reservations:
             self.ledger.release(r)
         freed = max(0.0, await self._free_mb(device) - before) if measure else 0.0
         log.info(
@@ -132,6 +146,56 @@ class Unloads:
             freed,
         )
         return UnloadResult(names, round(freed, 1), round(held, 1), settling)
+
+    async def _drain(self, models: list[LoadedModel]) -> None:
+        """Stop handing ``models`` out, then wait for their leases to come back (up to
+        DRAIN_TIMEOUT_S together). New requests for them wait for the reload under the
+        load lock, or fall back along their chain."""
+        for m in models:
+            m.draining = True
+            for t in self.tiers.values():
+                if t.model is m:
+                    t.status = "draining"
+        busy = [m for m in models if m.active]
+        if not busy:
+            return
+        log.info(
+            "Draining %s: %d request(s) in flight",
+            ", ".join(m.key for m in busy),
+            sum(m.active for m in busy),
+        )
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                for m in busy:
+                    await m.idle.wait()
+        for m in busy:
+            if m.active:
+                log.warning(
+                    "Model %s still had %d request(s) in flight after %g s: ending it anyway",
+                    m.key,
+                    m.active,
+                    DRAIN_TIMEOUT_S,
+                )
+
+    async def _released(self, model: LoadedModel, before: MemorySnapshot) -> bool:
+        """Wait until the driver shows ``model``'s memory back, by the evidence its load
+        settled from: NVML no longer listing its pid, or (in a container, where NVML never
+        listed it) the device's used figure falling from ``before``. False when unconfirmed:
+        no such evidence (its load kept the estimate), or not seen in time."""
+        mem = self.settings.memory
+        if model.settled_from == "nvml_process":
+            drop = None
+        elif model.settled_from == "device_delta":
+            gpu = before.gpu(gpu_index(model.device))
+            if gpu is None:
+                return False
+            drop = DeviceDrop(gpu.index, gpu.used_mb, model.reservation.mb)
+        else:
+            return False
+        released = await wait_gpu_memory_released(
+            self.probe, model.pid, mem.recovery_wait_s, mem.recovery_poll_s, drop=drop
+        )
+        return released is True
 
     async def _free_mb(self, device: str | None = None) -> float:
         """Driver-reported free memory on ``device`` (default: the first; RAM available on

@@ -32,6 +32,7 @@ import httpx
 
 from services.errors import ModelLoadFailed
 from services.llm.backend_llama_server import inspect_binary
+from services.llm.failures import LoadFailure, classify
 from services.llm.worker_command import (
     PORT_TAKEN,
     WorkerSpec,
@@ -50,7 +51,8 @@ POLL_S = 0.05
 
 
 class WorkerStartFailed(ModelLoadFailed):
-    """The worker exited, or did not answer in time, before it was ready."""
+    """The worker exited, or did not answer in time, before it was ready. ``failure``
+    says why as a kind the load ladder decides on (``failures.py``)."""
 
     def __init__(
         self,
@@ -59,6 +61,7 @@ class WorkerStartFailed(ModelLoadFailed):
         reason: str,
         stderr_tail: str,
         returncode: int | None,
+        failure: LoadFailure,
         timed_out: bool = False,
         missing_file: bool = False,
         port_taken: bool = False,
@@ -69,10 +72,12 @@ class WorkerStartFailed(ModelLoadFailed):
             returncode=returncode,
             timed_out=timed_out,
             missing_file=missing_file,
+            failure=failure.kind,
         )
         self.reason = reason
         self.stderr_tail = stderr_tail  # kept off the client-facing details: it is long
         self.returncode = returncode
+        self.failure = failure
         self.timed_out = timed_out
         self.missing_file = missing_file
         self.port_taken = port_taken
@@ -177,6 +182,7 @@ class LlamaWorker:
                 reason=reason,
                 stderr_tail="",
                 returncode=None,
+                failure=LoadFailure("backend", reason),
                 missing_file=True,
             )
         self._flags = tuple(info.flags)
@@ -274,11 +280,13 @@ class LlamaWorker:
             reason = "not ready in time" + (f" (last output: {last})" if last else "")
         else:
             reason = extract_reason(lines, self.spec.backend)
+        failure = classify(lines, reason, returncode=rc, timed_out=timed_out, missing_file=missing)
         return WorkerStartFailed(
             f"{message}: {reason}",
             reason=reason,
             stderr_tail=self.stderr_tail(),
             returncode=rc,
+            failure=failure,
             timed_out=timed_out,
             missing_file=missing,
             port_taken=port_taken,

@@ -70,6 +70,7 @@ class WorkerSpec:
     backend: Backend = "llama-cpp-python"
     parallel: int = 1  # requests served at once (llama-server slots)
     binary: Path | None = None  # llama-server's executable; None: the one Edison builds
+    cache_ram_mb: int | None = None  # llama-server's prompt cache cap (--cache-ram)
 
 
 def free_port() -> int:

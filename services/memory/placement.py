@@ -12,7 +12,8 @@ Every consumer asks here, and nowhere else:
   whole life;
 - **what an LLM worker costs** beyond its GGUF estimate, learned per device from loads;
 - **how memory is given back**: :func:`flush_gpu_memory` (gc, torch's cache) and
-  :func:`wait_gpu_memory_released` (NVML shows a dead worker's memory back).
+  :func:`wait_gpu_memory_released` (NVML, or the device's used figure in a container,
+  shows a dead worker's memory back).
 
 The gate (``gate.py``) acts on these figures; the swarm policy and ``/system/memory``
 read the very same ones.
@@ -272,6 +273,17 @@ def load_need_mb(est: Estimate, device: str, overhead_mb: float) -> float:
     return estimate_on(est, device) + overhead_mb
 
 
+def load_ram_need_mb(est: Estimate, device: str, *, extra_mb: float = 0.0) -> float:
+    """What a load on a GPU host takes from RAM, booked on the ledger's ``cpu`` device
+    beside its VRAM: the weights, KV and compute buffer left on the CPU (all of them on a
+    CPU rung), the worker process, and ``extra_mb`` (llama-server's prompt cache; a
+    vision projector on a CPU rung). On a CPU host a load's need (:func:`load_need_mb`)
+    already is RAM: 0 here, so nothing is booked twice."""
+    if device == CPU:
+        return 0.0
+    return est.ram_mb + WORKER_RAM_MB + extra_mb
+
+
 def load_rungs(
     n_gpu_layers: int, n_ctx: int, lad: LadderSettings, info: GGUFInfo, device: str
 ) -> list[tuple[int, int]]:
@@ -349,22 +361,53 @@ def flush_gpu_memory(collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
-async def wait_gpu_memory_released(
-    probe: Any, pid: int, timeout_s: float = 5.0, poll_s: float = 0.25
-) -> bool | None:
-    """Poll until ``pid`` holds no GPU memory: True once NVML shows it released, False if
-    it still holds some after timeout_s, None at once when per-process figures are
-    unavailable (no NVML: nothing to wait on, and nothing confirmed either).
+@dataclass(frozen=True)
+class DeviceDrop:
+    """How a release shows on a device when NVML does not list the worker's pid (a
+    container): the device's used figure before the worker ended, and what it held."""
 
-    ``probe`` is a MemoryProbe; its NVML calls may block, so they run in a thread.
+    index: int  # the GPU's index
+    used_before_mb: float
+    held_mb: float
+
+    def seen(self, used_mb: float) -> bool:
+        """True once the used figure fell by half of what the worker held or more: a
+        process's memory goes back at once when its context ends, so half is "it
+        happened", with room for other programs moving meanwhile."""
+        return used_mb <= self.used_before_mb - 0.5 * self.held_mb
+
+
+async def wait_gpu_memory_released(
+    probe: Any,
+    pid: int,
+    timeout_s: float = 5.0,
+    poll_s: float = 0.25,
+    *,
+    drop: DeviceDrop | None = None,
+) -> bool | None:
+    """Poll until ``pid``'s GPU memory is back: True once seen, False if not seen after
+    timeout_s, None at once when nothing can show it (no NVML and no ``drop``).
+
+    With ``drop`` (the load settled from the device's figure, not NVML's per-process
+    one) the device's used figure is polled instead: in a container NVML never lists our
+    pid, so "pid absent" would say "released" before anything was released.
+    ``probe`` is a MemoryProbe; its calls may block, so they run in a thread.
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        used = await anyio.to_thread.run_sync(probe.process_vram_mb, [pid])
-        if used is None:
-            return None
-        if used.get(pid, 0.0) <= 0:
-            return True
+        if drop is not None:
+            snap = await anyio.to_thread.run_sync(probe.snapshot)
+            gpu = snap.gpu(drop.index)
+            if gpu is None or snap.vram_source == "none":
+                return None
+            if drop.seen(gpu.used_mb):
+                return True
+        else:
+            used = await anyio.to_thread.run_sync(probe.process_vram_mb, [pid])
+            if used is None:
+                return None
+            if used.get(pid, 0.0) <= 0:
+                return True
         if time.monotonic() >= deadline:
             return False
         await anyio.sleep(poll_s)

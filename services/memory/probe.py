@@ -7,7 +7,14 @@ earlier step failed is kept for ``edison doctor``.
 A step that times out or fails is backed off: snapshots skip it (``backoff_s``, doubled
 at each new failure up to ``backoff_max_s``) while a daemon thread retries it. A failure
 that cannot heal in a running process (no NVML, no CUDA device) is remembered for good
-instead (``ProbeStepUnavailable``) and never retried.
+instead (``ProbeStepUnavailable``) and never retried. NVML's per-process query
+(:meth:`MemoryProbe.process_vram_mb`) is backed off the same way, without a retrier:
+the next call after the back-off tries again.
+
+Every call into a driver (nvmlInit, NVML, torch.cuda) runs through one
+:class:`ProbeCalls` per probe: a thread per call with a time limit, at most
+``MAX_PROBE_THREADS`` at once. A call that hangs keeps its thread (nothing can stop it)
+and its slot, so hung calls leave at most that many threads behind, not one per call.
 
 Blocking: every method here may block (a hung driver, a slow nvidia-smi). Async code
 calls them through ``anyio.to_thread.run_sync``.
@@ -15,13 +22,14 @@ calls them through ``anyio.to_thread.run_sync``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -34,7 +42,6 @@ from services.memory.snapshot import (
     ProbeStepUnavailable,
     StepReport,
     _apply_budget,
-    _bounded,
     _StepState,
     parse_nvidia_smi,
     rss_mb,
@@ -53,7 +60,71 @@ __all__ = [
     "rss_mb",
 ]
 
+log = logging.getLogger("edison.memory")
+
 STEPS = ("nvml", "torch", "nvidia-smi")
+MAX_PROBE_THREADS = 4
+T = TypeVar("T")
+
+
+class ProbeCalls:
+    """The probe's bounded executor: each call in a daemon thread, given up after a time
+    limit, at most ``max_threads`` calls in flight.
+
+    Why not a thread pool: a hung driver call can never be stopped, and a pool's worker
+    threads are joined at interpreter exit (a hung one would keep Edison from exiting).
+    Why bounded: without it, every call into a hung driver left one more thread behind.
+    A call that finds every slot taken waits for one up to its own time limit, then fails.
+    """
+
+    def __init__(self, max_threads: int = MAX_PROBE_THREADS) -> None:
+        self.max_threads = max_threads
+        # Why: a slot is held from a call's start until its thread ends (not until its
+        # caller gives up), so a hung call keeps its slot and the total stays bounded.
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._lock = threading.Lock()
+        self.running = 0  # threads of calls not ended yet (hung ones included)
+
+    def call(self, fn: Callable[[], T], timeout_s: float, what: str) -> T:
+        """``fn()`` in a thread; ProbeStepFailed if it raises or does not answer in time."""
+        if not self._slots.acquire(timeout=timeout_s):
+            raise ProbeStepFailed(
+                f"{what}: no probe thread free within {timeout_s:g} s "
+                f"({self.max_threads} earlier calls still running)"
+            )
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                box["error"] = exc
+            finally:
+                with self._lock:
+                    self.running -= 1
+                self._slots.release()
+
+        with self._lock:
+            self.running += 1
+        t = threading.Thread(target=target, name=f"probe-{what}", daemon=True)
+        try:
+            t.start()
+        except BaseException:
+            with self._lock:
+                self.running -= 1
+            self._slots.release()
+            raise
+        t.join(timeout_s)
+        if t.is_alive():
+            raise ProbeStepFailed(f"{what} did not answer within {timeout_s:g} s")
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, ProbeStepFailed):
+                raise err
+            raise ProbeStepFailed(f"{type(err).__name__}: {err}") from err
+        return box["value"]
+
+
 SMI_QUERY = [
     "--query-gpu=index,name,memory.total,memory.used,memory.free",
     "--format=csv,noheader,nounits",
@@ -89,6 +160,11 @@ class MemoryProbe:
         self._state = {s: _StepState() for s in STEPS}
         self._closed = False
         self._stop = threading.Event()
+        self.calls = ProbeCalls()
+        # The per-process query's back-off (read and written under _state_lock), and its
+        # last outcome with the back-off fields (for logs and `edison doctor`).
+        self._processes = _StepState()
+        self.process_report = StepReport()
         self.report = ProbeReport(answered="none", steps={s: StepReport() for s in STEPS})
 
     # ---- ladder steps -------------------------------------------------------------
@@ -102,7 +178,7 @@ class MemoryProbe:
             try:
                 import pynvml
 
-                _bounded(pynvml.nvmlInit, self.timeout_s, "nvmlInit")
+                self.calls.call(pynvml.nvmlInit, self.timeout_s, "nvmlInit")
             except ImportError as exc:
                 self._nvml_error = f"pynvml not installed ({exc})"
             except ProbeStepFailed as exc:
@@ -125,7 +201,7 @@ class MemoryProbe:
                 gpus.append(GpuMemory(i, name, mem.total / MB, mem.used / MB, mem.free / MB))
             return gpus
 
-        return _bounded(query, self.timeout_s, "NVML")
+        return self.calls.call(query, self.timeout_s, "NVML")
 
     def _probe_torch(self) -> list[GpuMemory]:
         if self._torch_error is not None:
@@ -149,7 +225,7 @@ class MemoryProbe:
                 gpus.append(GpuMemory(i, name, total / MB, (total - free) / MB, free / MB))
             return gpus
 
-        return _bounded(query, self.timeout_s, "torch.cuda")
+        return self.calls.call(query, self.timeout_s, "torch.cuda")
 
     def _probe_smi(self) -> list[GpuMemory]:
         exe = shutil.which("nvidia-smi")
@@ -305,9 +381,15 @@ class MemoryProbe:
     def process_vram_mb(self, pids: Iterable[int]) -> dict[int, float] | None:
         """GPU memory held by each of these processes (and their children), from NVML.
 
-        None when NVML is not available: per-process figures exist nowhere else.
-        A pid holding no GPU memory maps to 0.
+        A pid appears only when NVML lists it or one of its children: in a container
+        without the host's PID namespace NVML lists none of ours, and an absent pid says
+        "not seen", never "holds 0 MB". None when NVML is not available or the query is
+        backed off after a failure: per-process figures exist nowhere else.
         """
+        with self._state_lock:
+            st = self._processes
+            if st.failures and time.monotonic() < st.due:
+                return None
         try:
             nv = self._nvml_module()
         except ProbeStepFailed:
@@ -322,19 +404,53 @@ class MemoryProbe:
                 pass
 
         def query() -> dict[int, float]:
-            used = dict.fromkeys(set(wanted.values()), 0.0)
+            used: dict[int, float] = {}
             for i in range(nv.nvmlDeviceGetCount()):
                 h = nv.nvmlDeviceGetHandleByIndex(i)
                 for p in nv.nvmlDeviceGetComputeRunningProcesses(h):
                     owner = wanted.get(p.pid)
-                    if owner is not None and p.usedGpuMemory is not None:
-                        used[owner] += p.usedGpuMemory / MB
+                    if owner is not None:
+                        mb = (p.usedGpuMemory or 0) / MB  # None: not reported (some vGPUs)
+                        used[owner] = used.get(owner, 0.0) + mb
             return used
 
+        t0 = time.perf_counter()
         try:
-            return _bounded(query, self.timeout_s, "NVML processes")
-        except ProbeStepFailed:
+            used = self.calls.call(query, self.timeout_s, "NVML processes")
+        except ProbeStepFailed as exc:
+            self._process_query_failed(exc, (time.perf_counter() - t0) * 1000)
             return None
+        with self._state_lock:
+            self._processes.clear()
+            self._processes.last_reason = ""
+            listed = f"{len(used)} of {len(set(wanted.values()))} pid(s) listed"
+            self.process_report = StepReport(True, listed, (time.perf_counter() - t0) * 1000)
+        return used
+
+    def _process_query_failed(self, exc: ProbeStepFailed, ms: float) -> None:
+        """Back the per-process query off (doubling, as the ladder's steps): calls return
+        None at once until it is due again, so a hung NVML costs one time limit per
+        back-off period, not one per call."""
+        with self._state_lock:
+            st = self._processes
+            st.backoff_s = (
+                self.backoff_s if st.failures == 0 else min(st.backoff_s * 2, self.backoff_max_s)
+            )
+            st.failures += 1
+            st.due = time.monotonic() + st.backoff_s
+            st.until = time.time() + st.backoff_s
+            st.last_reason = str(exc)
+            self.process_report = StepReport(
+                False,
+                str(exc),
+                ms,
+                backed_off=True,
+                backed_off_until=st.until,
+                backoff_s=st.backoff_s,
+                failures=st.failures,
+                last_reason=str(exc),
+            )
+        log.warning("NVML's per-process query failed (%s): skipped for %.0f s", exc, st.backoff_s)
 
     def shutdown(self) -> None:
         """Stop the background retries (later snapshots walk the whole ladder); release NVML."""

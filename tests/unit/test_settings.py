@@ -95,9 +95,12 @@ def test_worker_backend_per_tier_and_its_slots(tmp_path: Path, tiny_dir: Path) -
         "llama-cpp-python",
     ]
     assert [models.parallel_of(t) for t in (models.fast, models.medium, models.deep)] == [4, 8, 1]
-    assert load_settings(write(tmp_path, {})).models.backend == "llama-cpp-python"
+    assert load_settings(write(tmp_path, {})).models.backend == "auto"
     for bad, words in (
-        ({"fast": {"path": m, "parallel": 2}}, "needs backend llama-server"),
+        (
+            {"backend": "llama-cpp-python", "fast": {"path": m, "parallel": 2}},
+            "needs backend llama-server",
+        ),
         ({"fast": {"path": m, "backend": "vllm"}}, "llama-server"),
         ({"fast": {"path": m, "backend": "llama-server", "parallel": 0}}, "greater than"),
     ):
