@@ -106,8 +106,9 @@ def graph_bytes(
 ) -> tuple[int, int]:
     """Compute-buffer size in bytes, (everything on one device, partial offload).
 
-    llama.cpp reserves the graph of one micro-batch of b = min(n_batch, n_ctx) tokens
-    (rounded up to a multiple of ``n_seqs``) over ``cells``, the cells of *one* stream:
+    llama.cpp reserves the graph of one micro-batch of b = ``n_batch`` tokens (the
+    caller clamps it to the whole context; llama.cpp rounds it up to a multiple of
+    ``n_seqs``) over ``cells``, the cells of *one* stream:
     with ``--parallel N`` each slot's tokens attend to its own stream only
     (llama_context::sched_reserve, build_attn_mha). The buffer is what the graph holds
     at once, as ggml-alloc reuses memory between layers. Per token, in f32 (4b bytes):
@@ -128,8 +129,7 @@ def graph_bytes(
     not measured here: it needs a GPU.
     """
     lay = info.layout
-    b = max(1, min(n_batch, cells))
-    b = -(-b // n_seqs) * n_seqs
+    b = -(-max(1, n_batch) // n_seqs) * n_seqs
     u = 4 * b
     e, v, h = info.n_embd, info.n_vocab, info.n_head
     caches = ([cells] if lay.has_full else []) + ([window_cells or cells] if lay.has_swa else [])

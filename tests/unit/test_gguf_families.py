@@ -179,3 +179,10 @@ def test_projector_size(tmp_path: Path) -> None:
     assert projector_mb(path) == size.total_mb == size.weights_mb + size.compute_mb
     with pytest.raises(InvalidModelFile):
         projector_mb(tmp_path / "missing.gguf")
+
+
+def test_the_micro_batch_spans_the_slots(infos: dict[str, GGUFInfo]) -> None:
+    """n_ctx 1024 over 4 slots: 256 cells per stream, but the reserved micro-batch is
+    still min(n_ctx, n_ubatch) = 512 tokens, 128 per slot (llama_context::sched_reserve)."""
+    est = estimate(infos["qwen2"], -1, 1024, slots=4, flash_attn=True)
+    assert est.compute_vram_mb * MiB == 256 * 512 * 2 + 4 * 512 * (2 * 256 + 3 * 512)
