@@ -21,6 +21,8 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from app.errors import error_body, with_openai_fields
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -36,9 +38,14 @@ def is_public(path: str) -> bool:
 
 
 async def _answer(
-    send: Send, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(with_openai_fields(path, status, error_body(code, message))).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -67,11 +74,12 @@ class RequestGuard:
                 "unauthorized",
                 "Missing or wrong API key: send Authorization: Bearer <server.api_key>",
                 {"WWW-Authenticate": "Bearer"},
+                path,
             )
             return
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, "payload_too_large", self._too_large(int(declared)))
+            await _answer(send, 413, "payload_too_large", self._too_large(int(declared)), path=path)
             return
         await self.app(scope, self._counting(receive), send)
 

@@ -22,7 +22,7 @@ from app.logging_setup import configure_logging, quiet_libraries
 from app.openapi import configured_openapi
 from app.schemas import error_responses
 from app.security import bearer_scheme
-from routers import chat, events, generate, health, jobs, models, swarm, system
+from routers import chat, events, generate, health, jobs, models, openai_images, swarm, system
 from services.events import EventBus
 from services.generation.jobs import JobService
 from services.generation.registry import PipelineRegistry
@@ -226,6 +226,9 @@ def create_app(
         generate.router, dependencies=protected, responses=bodies | error_responses(500, 503)
     )
     app.include_router(jobs.router, dependencies=protected, responses=error_responses(401, 404))
+    app.include_router(
+        openai_images.router, dependencies=protected, responses=error_responses(401, 413)
+    )
     app.include_router(
         swarm.router, dependencies=protected, responses=bodies | error_responses(502, 503)
     )

@@ -74,6 +74,9 @@ def configured_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         agent_model.pop("anyOf", None)
         agent_model["enum"] = tiers or ["fast"]
         agent_model["type"] = "string"
+    openai_images = schemas.get("ImageGenerationRequest", {}).get("properties", {})
+    if "n" in openai_images:
+        _narrow(openai_images["n"], maximum=gen.image.max_images)
     chat_model = schemas.get("ChatRequest", {}).get("properties", {}).get("model")
     if chat_model is not None:
         chat_model["enum"] = ["auto", *tiers]

@@ -5,18 +5,27 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from app.deps import ModelsDep
+from app.deps import ModelsDep, PipelinesDep, SettingsDep
 from app.schemas import LoadedModelInfo, error_responses
+from routers.openai_images import image_model_id
 
 router = APIRouter(tags=["models"])
 
 
 class OpenAIModel(BaseModel):
-    id: str = Field(description="Tier name (or `auto`), to pass as `model` in chat requests.")
+    id: str = Field(
+        description="Tier name (or `auto`), to pass as `model` in chat requests; the image "
+        "pipeline's id, as `model` of `POST /v1/images/generations`."
+    )
     object: str = "model"
     owned_by: str = "edison"
     status: str = Field(description="unloaded, loading, loaded or failed.", examples=["loaded"])
     heavy: bool = Field(description="Whether the tier uses the heavy slot.")
+    kind: str = Field(
+        "chat",
+        description="What the model makes: `chat` (`/v1/chat/completions`) or `image` "
+        "(`/v1/images/generations`).",
+    )
 
 
 class OpenAIModelList(BaseModel):
@@ -74,11 +83,22 @@ class UnloadResultOut(BaseModel):
     )
 
 
-@router.get("/v1/models", response_model=OpenAIModelList, summary="Tiers, OpenAI style")
-async def openai_models(models: ModelsDep) -> OpenAIModelList:
+@router.get(
+    "/v1/models",
+    response_model=OpenAIModelList,
+    summary="Tiers and the image pipeline, OpenAI style",
+)
+async def openai_models(
+    models: ModelsDep, pipelines: PipelinesDep, settings: SettingsDep
+) -> OpenAIModelList:
     auto = "loaded" if models.loaded_models() else "unloaded"
     data = [OpenAIModel(id="auto", status=auto, heavy=False)]
     data += [OpenAIModel(id=t.tier, status=t.status, heavy=t.heavy) for t in models.describe()]
+    image = image_model_id(settings)
+    if image is not None:  # an image task takes its device's heavy slot, as a heavy tier
+        host = pipelines.host_of("image")
+        status = "loaded" if host is not None and host.loaded else "unloaded"
+        data.append(OpenAIModel(id=image, status=status, heavy=True, kind="image"))
     return OpenAIModelList(data=data)
 
 

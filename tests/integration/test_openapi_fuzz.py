@@ -71,7 +71,14 @@ def validator(doc: dict[str, Any], schema: dict[str, Any]) -> Draft202012Validat
     return Draft202012Validator({**schema, "components": doc["components"]})
 
 
-FUZZED = ["/generate-image", "/generate-video", "/generate-music", "/swarm", "/v1/chat/completions"]
+FUZZED = [
+    "/generate-image",
+    "/generate-video",
+    "/generate-music",
+    "/swarm",
+    "/v1/chat/completions",
+    "/v1/images/generations",
+]
 
 
 @pytest.mark.parametrize("path", FUZZED)

@@ -21,6 +21,7 @@ from app.main import create_app
 from app.schemas import JobView, SystemMemory
 from routers.chat import EdisonRouting
 from routers.models import ModelsView, OpenAIModelList, TierInfo, UnloadResultOut
+from routers.openai_images import ImagesResponse
 from routers.swarm import SwarmResponse
 from services.generation.jobs import Job, JobError
 from services.llm.chat import ChatRouting
@@ -46,6 +47,7 @@ FLATTENED = {(JobError, "details")}  # a job's error has the common error body's
 NOT_WALKED = {
     ModelsView: "heavy_slot and a list of TierInfo (walked above)",
     OpenAIModelList: "OpenAI's /v1/models shape: id, status and heavy of each TierView",
+    ImagesResponse: "OpenAI's images shape: a url or the PNG of each of a Job's outputs",
 }
 
 
