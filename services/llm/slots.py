@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from services.errors import ResidencyHold
-from services.llm.loader import DeviceCandidate
+from services.llm.planner import DeviceCandidate
 from services.llm.records import TierState
 from services.memory.devices import Occupant, residency_hold
 

@@ -266,7 +266,9 @@ async def test_worker_not_ready_in_time_is_killed(make_settings, tiny_dir, backe
     with pytest.raises(ModelLoadFailed):
         await mm.load("fast")
     attempts = mm.tiers["fast"].attempts
-    assert len(attempts) == 2 and all("not ready within" in a.reason for a in attempts)
+    # A timeout is not a want of memory: a smaller rung would wait as long again.
+    assert len(attempts) == 1 and attempts[0].failure == "timeout"
+    assert "not ready within" in attempts[0].reason
     assert not [
         p
         for p in psutil.Process().children(recursive=True)
