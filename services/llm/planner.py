@@ -12,18 +12,18 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from services.llm.records import LoadAttempt, TierState
-from services.memory import gguf_estimate
 from services.memory.devices import LoadOption, SplitPlan, choose_load_device, split_plan
 from services.memory.gguf_estimate import (
-    MB,
     GGUFInfo,
     InvalidModelFile,
     estimate,
     projector_dim,
+    projector_mb,
     read_gguf_info,
 )
 from services.memory.ledger import CPU
@@ -33,16 +33,10 @@ from services.settings import Settings
 
 
 def projector_need_mb(path: Path) -> float:
-    """What a vision projector (mmproj GGUF) needs where it loads, in MB.
-
-    HOOK for ``gguf_estimate.projector_mb`` (its weights and its image encoder's compute
-    buffer, sized per family): used when that function exists, else the file's size,
-    which is its weights. Blocking (reads the file): run it in a thread.
-    """
-    sized = getattr(gguf_estimate, "projector_mb", None)
-    if callable(sized):
-        return float(sized(path))
-    return Path(path).stat().st_size / MB
+    """What a vision projector (mmproj GGUF) needs where it loads, in MB: its weights and
+    its image encoder's buffers (``gguf_estimate.projector_mb``). Blocking (reads the
+    file): run it in a thread."""
+    return float(projector_mb(Path(path)))
 
 
 @dataclass(frozen=True)
@@ -154,12 +148,14 @@ class LoadPlanning:
             choice.option.device, choice.because, evicts, fits=choice.option.fits, info=info
         )
 
-    def _slots(self, tier: TierState) -> dict[str, int]:
-        """The estimate's ``slots`` for a llama-server tier (its KV cache per slot)."""
+    def _slots(self, tier: TierState) -> dict[str, Any]:
+        """The estimate's keywords for a llama-server tier: its slots (a KV cache per slot,
+        a graph for one slot's cells) and flash attention, which its ``auto`` turns on
+        (llama-cpp-python leaves it off: the defaults)."""
         models = self.settings.models
         if models.backend_of(tier.cfg) != "llama-server":
             return {}
-        return {"slots": models.parallel_of(tier.cfg)}
+        return {"slots": models.parallel_of(tier.cfg), "flash_attn": True}
 
     def _backend(self, tier: TierState) -> str:
         return self.settings.models.backend_of(tier.cfg)

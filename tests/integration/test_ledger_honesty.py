@@ -242,7 +242,7 @@ async def test_llama_server_prompt_cache_is_capped_and_counted(
     )
     mm = manager_on(settings, MemoryProbe(timeout_s=5))
     overhead = mm.placement.worker_overhead_mb(CPU, "llama-server")
-    est = estimate(read_gguf_info(path), 0, 256, slots=4)
+    est = estimate(read_gguf_info(path), 0, 256, slots=4, flash_attn=True)
     need = load_need_mb(est, CPU, overhead + 64)
     try:
         model = await mm.load("fast")
