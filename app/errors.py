@@ -51,6 +51,7 @@ STATUS: dict[type[e.EdisonError], int] = {
     e.ContextLengthExceeded: 400,
     e.UpstreamError: 502,
     e.Cancelled: 409,
+    e.JobNotFinished: 409,
     e.UpstreamRejected: 400,
 }
 

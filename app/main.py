@@ -20,6 +20,7 @@ from app.errors import install_error_handlers
 from app.guard import RequestGuard
 from app.logging_setup import configure_logging, quiet_libraries
 from app.openapi import configured_openapi
+from app.report import memory_report
 from app.schemas import error_responses
 from app.security import bearer_scheme
 from routers import chat, events, generate, health, jobs, models, openai_images, swarm, system
@@ -31,7 +32,6 @@ from services.llm.manager import ModelManager
 from services.memory.gate import MemoryGate
 from services.memory.placement import Placement, ledger_for
 from services.memory.probe import MemoryProbe
-from services.memory.report import memory_report
 from services.metrics import Metrics
 from services.settings import KINDS, Settings, load_settings
 from services.swarm.runner import SwarmService
@@ -155,6 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await state.models.start()
     await state.pipelines.start()
+    await state.jobs.start()  # outputs and jobs retention, in the background
     state.ready = asyncio.Event()
     state.startup_detail = "starting"
     settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +169,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         state.jobs.cancel_all("server shutting down")
+        await state.jobs.shutdown()
         await state.chat.aclose()
         await state.pipelines.shutdown()
         await state.models.shutdown()

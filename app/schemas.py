@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from services.generation.jobs import Job
-    from services.memory.report import MemoryReport
+    from app.report import MemoryReport
+    from services.generation.jobs import Job, JobState
 
 
 class ErrorDetail(BaseModel):
@@ -34,6 +34,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     "context (`context_length_exceeded`, with the numbers).",
     401: "Missing or wrong API key (`server.api_key`).",
     404: "No such tier, job or output.",
+    409: "The job is not finished (`job_not_finished`): cancel it first.",
     413: "The body is larger than `server.max_body_mb`.",
     422: "Invalid request; `error.fields` names each bad field.",
     500: "The generation failed inside its pipeline (`internal_error`); Edison stays up.",
@@ -397,8 +398,9 @@ class JobView(BaseModel):
     )
 
 
-def job_view(job: Job) -> JobView:
-    """A generation job as the API shows it (the error in the common error shape)."""
+def job_view(job: Job | JobState) -> JobView:
+    """A generation job (or a frozen copy of one) as the API shows it (the error in the
+    common error shape)."""
     error = job.error
     return JobView(
         job_id=job.id,

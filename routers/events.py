@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 
 from app.deps import EventsDep
+from app.report import MemoryReport
 from app.schemas import GateDecisionInfo, job_view, system_memory_view
 from routers.models import TierInfo
 from services.events import Event
-from services.generation.jobs import Job
+from services.generation.jobs import JobState
 from services.llm.records import TierView
 from services.memory.gate import GateDecision
-from services.memory.report import MemoryReport
 
 router = APIRouter(tags=["operators"])
 page = APIRouter(tags=["operators"])
@@ -34,7 +34,7 @@ def payload(event: Event) -> dict[str, Any]:
         return TierInfo.model_validate(p, from_attributes=True).model_dump(mode="json")
     if isinstance(p, GateDecision):
         return GateDecisionInfo.model_validate(p, from_attributes=True).model_dump(mode="json")
-    if isinstance(p, Job):
+    if isinstance(p, JobState):
         return job_view(p).model_dump(mode="json")
     if isinstance(p, MemoryReport):
         return system_memory_view(p).model_dump(mode="json")
@@ -86,7 +86,11 @@ async def events(request: Request, bus: EventsDep) -> StreamingResponse:
 
 
 @page.get(
-    "/ui", summary="The operator page: memory, models, gate and jobs, live", include_in_schema=True
+    "/ui",
+    summary="The operator page: memory, models, gate and jobs, live",
+    description="An HTML page (not JSON) that follows `GET /events`; it asks for the API "
+    "key itself and keeps it in the browser's session storage.",
+    response_class=HTMLResponse,
 )
 async def ui() -> FileResponse:
     return FileResponse(STATIC / "ui.html", media_type="text/html")

@@ -1,14 +1,15 @@
-"""Jobs and their files: GET/DELETE /jobs/{id}, GET /outputs/{name}."""
+"""Jobs and their files: GET /jobs/{id}, POST /jobs/{id}/cancel, DELETE /jobs/{id},
+GET /outputs/{name}."""
 
 from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from app.deps import JobsDep, SettingsDep
-from app.schemas import JobView, job_view
+from app.schemas import JobView, error_responses, job_view
 from services.errors import NotFound
 
 router = APIRouter(tags=["jobs"])
@@ -23,13 +24,31 @@ async def get_job(job_id: str, jobs: JobsDep) -> JobView:
     return job_view(jobs.get(job_id))
 
 
-@router.delete(
-    "/jobs/{job_id}",
+@router.post(
+    "/jobs/{job_id}/cancel",
     response_model=JobView,
     summary="Cancel a queued job, or a running one at its next step",
+    description="Answers the job: `cancelled` at once when it was queued; a running one "
+    "stops at its next step (poll `GET /jobs/{id}`). A finished job is answered as it is. "
+    "The job stays listed until `DELETE /jobs/{id}` or retention forgets it.",
 )
 async def cancel_job(job_id: str, jobs: JobsDep) -> JobView:
     return job_view(jobs.cancel(job_id))
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Forget a finished job and delete its files",
+    description="Only a finished job (succeeded, failed or cancelled): one still queued or "
+    "running answers 409 `job_not_finished` (cancel it first with "
+    "`POST /jobs/{id}/cancel`). Afterwards `GET /jobs/{id}` and its output URLs answer 404.",
+    responses=error_responses(409),
+)
+async def delete_job(job_id: str, jobs: JobsDep) -> Response:
+    await jobs.remove(job_id)
+    return Response(status_code=204)
 
 
 @router.get("/outputs/{name}", summary="A generated file", response_class=FileResponse)

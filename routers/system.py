@@ -7,8 +7,8 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.deps import GateDep, JobsDep, MetricsDep, ModelsDep, PipelinesDep, PlacementDep
+from app.report import memory_report
 from app.schemas import ERROR_DESCRIPTIONS, SystemMemory, system_memory_view
-from services.memory.report import memory_report
 
 router = APIRouter(tags=["system"])
 

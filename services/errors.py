@@ -115,3 +115,9 @@ class NotFound(EdisonError):
 
 class Cancelled(EdisonError):
     code = "cancelled"
+
+
+class JobNotFinished(EdisonError):
+    """A request that needs a finished job (removing it) on one still queued or running."""
+
+    code = "job_not_finished"

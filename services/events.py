@@ -1,7 +1,9 @@
 """The event bus: what happens in Edison, as it happens, for `GET /events` and the page.
 
 Services publish typed payloads (a tier's view, a gate decision, a job); each subscriber
-gets them in order through its own bounded queue. A subscriber that does not keep up
+gets them in order through its own bounded queue. A payload is what was true when it was
+published (a frozen copy such as ``JobState``, never a live object that keeps changing),
+since a subscriber that is behind reads it later. A subscriber that does not keep up
 loses events, counted, rather than slowing anyone: publishing never waits. Events are
 published from the event loop; a worker thread hands them over with
 :meth:`EventBus.from_thread`.
@@ -26,7 +28,8 @@ class Event:
     type: str  # model.loading | model.loaded | model.failed | model.unloaded | gate.decision
     # | job.queued | job.started | job.progress | job.finished | memory.snapshot
     at: float
-    payload: Any  # a service dataclass: TierView, GateDecision, Job, MemoryReport
+    payload: Any  # a service dataclass as it was then: TierView, GateDecision, JobState,
+    # MemoryReport (app/report.py)
 
 
 @dataclass(eq=False)  # hashed by identity: kept in a set

@@ -54,6 +54,19 @@ class ServerSettings(_Section):
     outputs_dir: Path = Field(
         Path("outputs"), description="Folder where generated images, videos and audio are written."
     )
+    outputs_max_age_h: float | None = Field(
+        168,
+        gt=0,
+        description="Generated files older than this many hours are deleted, and finished "
+        "jobs older than this are forgotten (null: kept for ever). Never a file of a job "
+        "still queued or running.",
+    )
+    outputs_max_mb: float | None = Field(
+        10240,
+        gt=0,
+        description="Most MB the generated files may take: beyond it the oldest are deleted "
+        "first (null: no limit). Never a file of a job still queued or running.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty disables CORS."
     )

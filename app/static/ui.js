@@ -333,7 +333,7 @@ document.addEventListener("click", async (ev) => {
     load: ["POST", `/models/${tier}/load`],
     unload: ["POST", `/models/${tier}/unload`],
     "unload-all": ["POST", "/models/unload-all"],
-    cancel: ["DELETE", `/jobs/${job}`],
+    cancel: ["POST", `/jobs/${job}/cancel`],
   }[action];
   b.disabled = true;
   try {

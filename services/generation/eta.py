@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from services.memory.learning import fit_line
+
 MAX_SAMPLES = 32
 
 
@@ -33,11 +35,8 @@ class DurationModel:
             points = list(self._samples.get(kind, ()))
         if not points:
             return None
-        n = len(points)
-        mx = sum(x for x, _ in points) / n
-        my = sum(y for _, y in points) / n
-        sxx = sum((x - mx) ** 2 for x, _ in points)
-        if size is None or sxx == 0:
-            return my
-        b = max(0.0, sum((x - mx) * (y - my) for x, y in points) / sxx)
-        return max(0.0, my + b * (size - mx))
+        if size is None:
+            return sum(y for _, y in points) / len(points)
+        # The same least squares as memory (slope never negative; one size: the mean);
+        # its margin is for memory and is not used here.
+        return fit_line(points, margin_factor=1.0).line_at(size)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from services.errors import QueueFull, QueueTimeout
 from services.memory.gate_records import HeavyTask, LaneState, QueueEntry
+from services.memory.snapshot import MemorySnapshot
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,18 @@ class Lane:
         self._entries.pop(fut, None)
         return (time.perf_counter() - t0) * 1000
 
+    def leave(self, fut: asyncio.Future[None] | None) -> None:
+        """Give up what :meth:`join` gave without waiting for it: the lane itself (None)
+        or a place in line (a turn handed over meanwhile is passed on)."""
+        if fut is None or (fut.done() and not fut.cancelled()):
+            self.release()
+        else:
+            fut.cancel()
+        if fut is not None:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+            self._entries.pop(fut, None)
+
     def release(self) -> None:
         """Hand the lane to the next waiter, or mark it free."""
         while self._waiters:
@@ -124,6 +137,33 @@ class Lane:
                 fut.set_result(None)  # hand over: busy stays True
                 return
         self.busy = False
+
+
+@dataclass(eq=False)
+class Place:
+    """A task's place in one device's line, taken when the task is submitted, so that a
+    full line refuses it before anyone was told it was queued (``MemoryGate.take_place``).
+
+    ``turn`` is None when the lane was free and is now the task's. The task's
+    ``heavy_task`` takes the place over; one that never runs must :meth:`abandon` it."""
+
+    device: str
+    because: str  # why placement chose this device
+    snapshot: MemorySnapshot  # the snapshot placement decided on
+    lane: Lane
+    turn: asyncio.Future[None] | None
+    taken: bool = False  # heavy_task took it over (and will hand the lane on)
+
+    def take(self) -> None:
+        if self.taken:
+            raise RuntimeError(f"the place on {self.device} was already taken over")
+        self.taken = True
+
+    def abandon(self) -> None:
+        """Leave the line (or hand the lane on) unless heavy_task took the place; safe twice."""
+        if not self.taken:
+            self.taken = True
+            self.lane.leave(self.turn)
 
 
 class Lanes:

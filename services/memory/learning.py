@@ -10,9 +10,12 @@ one gets 9 % more): attention makes working memory grow a little faster than lin
 (the tiny image pipeline: 10 % above a three-point linear fit at 1.36x its largest
 size), and the next run then teaches the fit. Until ``memory.learn_after`` runs are
 measured, the configured ``required_vram_mb`` / ``required_ram_mb`` stand (the prior).
-A CUDA out-of-memory at size S sets a floor for S and above: 1.25 x what the failed
-run had reserved. Per device: what an LLM worker needs beyond its GGUF estimate
-(measured minus estimated, a running mean over recent loads, with a prior until then).
+A CUDA out-of-memory at size S sets a floor for S and above: 1.25 x the failed run's own
+need (its prediction before any floor, so repeated OOMs do not compound), capped at what
+the device could ever give; each later successful run at S or above halves the floor's
+25 % (after ``DECAY_RUNS`` of them the mark is dropped). Per device: what an LLM worker
+needs beyond its GGUF estimate (measured minus estimated, a running mean over recent
+loads, with a prior until then).
 
 The figures are kept in ``<memory.state_dir>/memory-models.json`` and read back at
 start; a file that cannot be read is logged and ignored.
@@ -34,7 +37,10 @@ log = logging.getLogger("edison.memory")
 
 STATE_FILE = "memory-models.json"
 MIN_MARGIN = 1.1
-OOM_FLOOR = 1.25
+OOM_FLOOR = 1.25  # an OOM mark's floor: its run's own need x this, before any decay
+DECAY_RUNS = 4  # successful runs at a mark's size or above that drop the mark
+MAX_OOM_MARKS = 16
+STATE_VERSION = 2  # 2: OOM marks keep the run's own need, their cap and their decay
 EXTRAPOLATION = 0.25  # extra margin per unit of relative distance beyond the largest size
 MAX_SAMPLES = 64
 MAX_OVERHEAD_SAMPLES = 8
@@ -51,6 +57,11 @@ class Fit:
     max_size: float  # the largest size measured
 
     def fitted_mb(self, size: float) -> float:
+        return self.line_at(size)
+
+    def line_at(self, size: float) -> float:
+        """The fitted line at ``size``, never negative (whatever its unit: eta.py fits
+        seconds with it)."""
         return max(0.0, self.a_mb + self.b_mb_per_unit * size)
 
     def margin_at(self, size: float) -> float:
@@ -87,9 +98,19 @@ class RunSample:
 
 @dataclass
 class OomMark:
+    """A CUDA out-of-memory at ``size``: a floor for that size and above, which decays."""
+
     size: float
-    need_mb: float  # what the run had reserved when the device ran out
+    need_mb: float  # the failed run's own need: no earlier floor, no weights (own_mb)
+    cap_mb: float | None = None  # the most its device could ever give (the floor's ceiling)
     at: float = field(default_factory=time.time)
+    successes: int = 0  # successful runs at this size or above since the OOM
+
+    @property
+    def floor_mb(self) -> float:
+        """need x (1 + 0.25 / 2**successes), never above the cap."""
+        floor = self.need_mb * (1.0 + (OOM_FLOOR - 1.0) * 0.5**self.successes)
+        return floor if self.cap_mb is None else min(floor, self.cap_mb)
 
 
 @dataclass
@@ -107,7 +128,7 @@ class PipelineModel:
         return fit_line([(s.size, s.working_mb) for s in self.samples], margin_factor)
 
     def oom_floor_mb(self, size: float) -> float | None:
-        floors = [o.need_mb * OOM_FLOOR for o in self.ooms if o.size <= size]
+        floors = [o.floor_mb for o in self.ooms if o.size <= size]
         return max(floors) if floors else None
 
 
@@ -121,7 +142,9 @@ class Prediction:
     unit: str
     working_mb: float | None  # the learned working memory, margin included
     resident_mb: float  # weights counted because the pipeline is not loaded (0 when it is)
-    oom_floor_mb: float | None
+    oom_floor_mb: float | None  # the floor applied (resident_mb included)
+    own_mb: float  # the run's own need, before any floor and without resident_mb: what
+    # an out-of-memory of this run records (so a floor never counts weights loaded since)
 
 
 @dataclass(frozen=True)
@@ -184,7 +207,8 @@ class LearnedMemory:
     ) -> Prediction:
         """The need of one request of ``size``: learned once enough runs are measured,
         else ``prior_mb``; never below an out-of-memory floor at or under this size.
-        ``resident_mb`` is added to a learned figure: the weights when not loaded."""
+        ``resident_mb`` is added to a learned figure (and to a floor): the weights when
+        not loaded."""
         with self._lock:
             model = self._model(key, unit)
             fit = model.fit(self.learn_after, self.margin_factor)
@@ -194,9 +218,11 @@ class LearnedMemory:
         else:
             working = fit.working_mb(size)
             need, source, resident = resident_mb + working, "learned", resident_mb
+        own = round(need - resident, 1)  # the run's own memory: weights not counted
         if floor is not None:
+            floor = resident + floor  # a floor is of the run's own memory, like ``own``
             need = max(need, floor)
-        return Prediction(round(need, 1), source, size, unit, working, resident, floor)
+        return Prediction(round(need, 1), source, size, unit, working, resident, floor, own)
 
     def record_run(
         self,
@@ -228,9 +254,46 @@ class LearnedMemory:
             )
         return ok
 
-    def record_oom(self, key: str, unit: str, size: float, need_mb: float) -> None:
+    def record_oom(
+        self, key: str, unit: str, size: float, need_mb: float, *, cap_mb: float | None = None
+    ) -> float:
+        """A run of ``size`` ran out of memory; ``need_mb`` is its own need (the
+        prediction without any floor, ``Prediction.own_mb``), ``cap_mb`` the most its
+        device could ever give. Sets the floor for this size and above (replacing an
+        earlier mark at the same size, so OOMs in a row do not compound); returns it."""
+        mark = OomMark(size, need_mb, cap_mb)
         with self._lock:
-            self._model(key, unit).ooms.append(OomMark(size, need_mb))
+            model = self._model(key, unit)
+            model.ooms = [o for o in model.ooms if o.size != size] + [mark]
+            del model.ooms[:-MAX_OOM_MARKS]
+        log.warning(
+            "Memory model %s: out of memory at size %g with %.0f MB of its own need: "
+            "floor %.0f MB for this size and above%s",
+            key,
+            size,
+            need_mb,
+            mark.floor_mb,
+            f" (capped at {cap_mb:.0f} MB)" if cap_mb is not None else "",
+        )
+        return mark.floor_mb
+
+    def record_success(self, key: str, size: float) -> bool:
+        """A run of ``size`` succeeded: every OOM floor at this size or below decays one
+        step, and one that has decayed ``DECAY_RUNS`` times is dropped. True when any did."""
+        with self._lock:
+            model = self.pipelines.get(key)
+            if model is None:
+                return False
+            marks = [o for o in model.ooms if o.size <= size]
+            for o in marks:
+                o.successes += 1
+            model.ooms = [o for o in model.ooms if o.successes < DECAY_RUNS]
+        return bool(marks)
+
+    def keys(self) -> list[str]:
+        """Every pipeline memory model known (measured here or read back at start)."""
+        with self._lock:
+            return list(self.pipelines)
 
     def resident_mb(self, key: str) -> float | None:
         with self._lock:
@@ -293,7 +356,7 @@ class LearnedMemory:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "version": 1,
+                "version": STATE_VERSION,
                 "pipelines": {
                     k: {
                         "unit": m.unit,
@@ -301,7 +364,7 @@ class LearnedMemory:
                         "samples": [
                             [s.size, s.working_mb, s.predicted_mb, s.at] for s in m.samples
                         ],
-                        "ooms": [[o.size, o.need_mb, o.at] for o in m.ooms],
+                        "ooms": [[o.size, o.need_mb, o.cap_mb, o.at, o.successes] for o in m.ooms],
                     }
                     for k, m in self.pipelines.items()
                 },
@@ -326,13 +389,23 @@ class LearnedMemory:
             return
         try:
             data = json.loads(self.path.read_text())
+            # Version 1 stored what the failed run had reserved, previous floors included:
+            # those marks compounded, so they are dropped; the next OOM sets a fresh one.
+            old_marks = data.get("version", 1) < 2
             pipelines = {
                 k: PipelineModel(
                     k,
                     str(m["unit"]),
                     None if m.get("resident_mb") is None else float(m["resident_mb"]),
                     [RunSample(float(s), float(w), p, float(t)) for s, w, p, t in m["samples"]],
-                    [OomMark(float(s), float(n), float(t)) for s, n, t in m.get("ooms", [])],
+                    []
+                    if old_marks
+                    else [
+                        OomMark(
+                            float(s), float(n), None if c is None else float(c), float(t), int(x)
+                        )
+                        for s, n, c, t, x in m.get("ooms", [])
+                    ],
                 )
                 for k, m in data["pipelines"].items()
             }
@@ -347,6 +420,12 @@ class LearnedMemory:
                 exc,
             )
             return
+        if old_marks and any(m.get("ooms") for m in data["pipelines"].values()):
+            log.warning(
+                "Learned memory models in %s: out-of-memory marks of the old format dropped "
+                "(they compounded); the next out-of-memory sets a fresh floor",
+                self.path,
+            )
         self.pipelines, self.overheads = pipelines, overheads
         log.info(
             "Learned memory models read from %s: %d pipeline(s), %d device(s)",

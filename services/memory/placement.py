@@ -54,11 +54,6 @@ def overhead_key(device: str, backend: str) -> str:
     return device if backend == DEFAULT_BACKEND else f"{device}|{backend}"
 
 
-def work_device(snapshot: MemorySnapshot, gpu_index: int) -> str:
-    """The device work runs on: ``cuda:<index>`` when that GPU exists, else ``cpu``."""
-    return f"cuda:{gpu_index}" if snapshot.gpu(gpu_index) is not None else CPU
-
-
 def configured_gpus(settings: Settings, snapshot: MemorySnapshot) -> list[int]:
     """The GPU indices Edison places work on that this snapshot sees, in order."""
     mem = settings.memory

@@ -70,7 +70,13 @@ def test_image_png_at_the_asked_size(gen_settings, live_server) -> None:
     assert body["params"]["prompt"] == "a red cat" and body["params"]["num_images"] == 2
     # The operator sees the pipeline that now holds memory, and what it holds.
     memory = httpx.get(f"{server.url}/system/memory", timeout=30).json()
-    [image] = memory["pipelines"]
+    # Every configured pipeline is listed (video and music too, not loaded).
+    assert {p["kind"]: p["loaded"] for p in memory["pipelines"]} == {
+        "image": True,
+        "video": False,
+        "music": False,
+    }
+    [image] = [p for p in memory["pipelines"] if p["kind"] == "image"]
     host = server.app.state.pipelines.host_of("image")
     assert image["kind"] == "image" and image["loaded"] is True and image["running"] is False
     assert image["device"] == "cpu" and image["dtype"] == "float32" and image["savers"] is False
@@ -219,7 +225,7 @@ def test_cancel_a_running_job_at_its_next_step(gen_settings, step_gate) -> None:
         assert memory["gate"]["state"] == "busy"
         assert memory["gate"]["current"]["kind"] == "image"
         assert [p["kind"] for p in memory["pipelines"] if p["running"]] == ["image"]
-        assert client.delete(f"/jobs/{job_id}").status_code == 200
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
         job = wait_until(
             lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] != "running" and j,
             what="the job stopped",
@@ -310,7 +316,7 @@ def test_client_disconnect_while_queued_and_running_releases_the_gate(
     assert queued[0].error.message == "client disconnected"
     assert app.state.gate.queue_length == 0 and step_gate.runs == 1
     # Now a running one: end the first, then disconnect while the next is held mid-run.
-    httpx.delete(f"{server.url}/jobs/{first}", timeout=30)
+    httpx.post(f"{server.url}/jobs/{first}/cancel", timeout=30)
     wait_until(lambda: app.state.gate.describe().state == "idle", what="the gate idle")
     post_then_leave(server.port, "/generate-image", body, lambda: step_gate.held == 1)
     last = list(jobs.values())[-1]

@@ -11,7 +11,7 @@ import pytest
 
 from services.generation.params import GenerationParams
 from services.generation.sizing import read_shape, request_size
-from services.memory.learning import MIN_MARGIN, LearnedMemory, fit_line
+from services.memory.learning import MIN_MARGIN, STATE_VERSION, LearnedMemory, fit_line
 from services.memory.peak import PeakReading
 
 KEY = "/p/image|float32|cpu"
@@ -128,7 +128,10 @@ def test_a_corrupt_state_file_is_logged_and_ignored(tmp_path: Path, caplog, text
     assert mem.pipelines == {} and mem.overheads == {}
     feed(mem, [(1000, 12.0)])
     mem.save()  # and the next save replaces it with a good file
-    assert json.loads((tmp_path / "state" / "memory-models.json").read_text())["version"] == 1
+    assert (
+        json.loads((tmp_path / "state" / "memory-models.json").read_text())["version"]
+        == STATE_VERSION
+    )
 
 
 def test_worker_overhead_is_the_prior_until_a_load_is_measured(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from services.errors import InsufficientMemory, QueueFull, QueueTimeout
 from services.llm.manager import ModelManager
 from services.llm.records import UnloadResult
+from services.memory.devices import UnloadCost
 from services.memory.gate import MemoryGate
 from services.memory.learning import LearnedMemory
 from services.memory.placement import TaskNeed
@@ -59,8 +60,11 @@ class ScriptedModels:
     def heavy_slots(self) -> dict[str, str]:
         return {"cuda:0": self.heavy_slot} if self.heavy_slot else {}
 
-    def models_on(self, device: str) -> list[str]:
-        return self.loaded_models() if device == "cuda:0" else []
+    def unload_cost(self, device: str) -> UnloadCost:
+        if device != "cuda:0":
+            return UnloadCost()
+        held = {name: res.mb for name, res in self.held.items()}
+        return UnloadCost("fast" in held, len(held), sum(held.values()))
 
     async def unload_heavy_slot(self, reason: str, device: str | None = None) -> UnloadResult:
         self.calls.append("heavy")
@@ -81,8 +85,8 @@ class ScriptedModels:
             self._drop(name)
         return UnloadResult(gone, 0, freed, settling=bool(self.lag))
 
-    def ensure_loaded_soon(self, key: str) -> None:
-        self.reloads.append(key)
+    def restore_soon(self, tiers: list[str]) -> None:
+        self.reloads.extend(tiers)
 
 
 def gate_for(make_settings, probe, models, **memory) -> MemoryGate:
@@ -250,10 +254,9 @@ async def test_queue_full_and_queue_timeout(make_settings) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(holder)
-        await anyio.sleep(0.01)
+        await until(lambda: gate.describe().state == "busy", what="the holder runs")
         tg.start_soon(waiter)
-        await anyio.sleep(0.01)
-        assert gate.queue_length == 1
+        await until(lambda: gate.queue_length == 1, what="the waiter joined the line")
         with pytest.raises(QueueFull) as full:
             async with gate.heavy_task(0, "third", required_ram_mb=1):
                 pass
@@ -277,14 +280,15 @@ async def test_cancelled_waiter_and_cancelled_holder_release(make_settings) -> N
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, "holder", True)
-        await anyio.sleep(0.01)
+        await until(lambda: ran == ["holder"], what="the holder runs")
         async with anyio.create_task_group() as inner:
             inner.start_soon(run, "cancelled-waiter")
-            await anyio.sleep(0.01)
+            await until(lambda: gate.queue_length == 1, what="the waiter joined the line")
             inner.cancel_scope.cancel()
+        assert gate.queue_length == 0  # the cancelled waiter left the line
         tg.start_soon(run, "last")
-        await anyio.sleep(0.01)
-        assert ran == ["holder"] and gate.queue_length == 1
+        await until(lambda: gate.queue_length == 1, what="the last task joined the line")
+        assert ran == ["holder"]
         tg.cancel_scope.cancel()  # cancels the holder mid-task and "last" gets nothing
     assert gate.ledger.entries() == []
     assert gate.describe().state == "idle" and gate.queue_length == 0

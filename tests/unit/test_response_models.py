@@ -18,15 +18,15 @@ import pytest
 from pydantic import BaseModel
 
 from app.main import create_app
+from app.report import MemoryReport
 from app.schemas import JobView, SystemMemory
 from routers.chat import EdisonRouting
 from routers.models import ModelsView, OpenAIModelList, TierInfo, UnloadResultOut
 from routers.openai_images import ImagesResponse
 from routers.swarm import SwarmResponse
-from services.generation.jobs import Job, JobError
+from services.generation.jobs import Job, JobError, JobState
 from services.llm.chat import ChatRouting
 from services.llm.records import TierView, UnloadResult
-from services.memory.report import MemoryReport
 from services.settings import Settings
 from services.swarm.runner import SwarmResult
 
@@ -36,11 +36,12 @@ PAIRS: list[tuple[type[BaseModel], type]] = [
     (TierInfo, TierView),
     (UnloadResultOut, UnloadResult),
     (JobView, Job),
+    (JobView, JobState),  # what job events carry: the same fields, frozen
     (SwarmResponse, SwarmResult),
     (EdisonRouting, ChatRouting),
 ]
 # Fields the API names differently, and fields flattened into their parent's shape.
-RENAMED = {(Job, "id"): "job_id"}
+RENAMED = {(Job, "id"): "job_id", (JobState, "id"): "job_id"}
 FLATTENED = {(JobError, "details")}  # a job's error has the common error body's shape
 # Response models assembled from several services or in a shape set by a standard; each
 # with the reason it is not walked.

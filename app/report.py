@@ -1,12 +1,14 @@
-"""What ``GET /system/memory`` shows: one snapshot, the figures decisions are taken on,
-and every consumer of memory (models, pipelines, tasks, other reservations)."""
+"""What ``GET /system/memory`` (and the ``memory.snapshot`` event) shows: one snapshot,
+the figures decisions are taken on, and every consumer of memory (models, pipelines,
+tasks, other reservations). It gathers from every service, so it lives with the app,
+not in the memory package."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.generation.jobs import Job
+from services.generation.jobs import JobState
 from services.generation.pipelines import PipelineInfo
 from services.llm.records import LoadedModel
 from services.memory.gate import GateState, LaneState
@@ -14,6 +16,7 @@ from services.memory.learning import WorkerOverheadView
 from services.memory.ledger import DeviceBudget, Reservation
 from services.memory.placement import Placement
 from services.memory.snapshot import GpuMemory, ProbeReport
+from services.settings import BackendChoice
 
 if TYPE_CHECKING:
     from services.generation.jobs import JobService
@@ -48,8 +51,9 @@ class MemoryReport:
     heavy_slot: str | None
     gate: GateState
     pipelines: list[PipelineInfo]
-    jobs: list[Job]  # generation jobs not done: running first, then by place in line
+    jobs: list[JobState]  # generation jobs not done: running first, then by place in line
     devices: list[DeviceReport]  # every device placed on (the first is ``device``)
+    llm_backend: BackendChoice  # the LLM workers' backend (models.backend resolved)
 
 
 async def memory_report(
@@ -78,9 +82,10 @@ async def memory_report(
         heavy_slot=models.heavy_slot,
         gate=gate.describe(),
         pipelines=pipelines.describe(),
-        jobs=jobs.active(),
+        jobs=[j.snapshot() for j in jobs.active()],
         devices=[
             DeviceReport(v.budget, placement.worker_overhead(v.device), gate.lane_state(v.device))
             for v in placement.views_of(snap)
         ],
+        llm_backend=models.backend_choice(),
     )
