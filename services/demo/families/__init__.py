@@ -1,0 +1,1 @@
+"""Builders of the tiny family pipelines; services.demo.tiny_families is the way in."""
