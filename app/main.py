@@ -24,6 +24,7 @@ from app.report import memory_report
 from app.schemas import error_responses
 from app.security import bearer_scheme
 from routers import chat, events, generate, health, jobs, models, openai_images, swarm, system
+from services.errors import EdisonError
 from services.events import EventBus
 from services.generation.jobs import JobService
 from services.generation.registry import PipelineRegistry
@@ -68,6 +69,12 @@ async def _startup_work(app: FastAPI) -> None:
             # (about 5 s on the GPU host) after /ready said yes.
             state.startup_detail = probe + "; importing the generation stack"
             await to_thread.run_sync(import_generation_stack)
+            for kind in KINDS:
+                if getattr(settings.generation, kind).pipeline is not None:
+                    try:  # what each folder can do: /system/memory and the OpenAPI page show it
+                        await state.pipelines.caps(kind)
+                    except EdisonError as exc:  # its requests and its load say so, naming it
+                        log.error("generation.%s: %s", kind, exc.message)
         outcome = await state.models.load_llm_models()
         loads = ", ".join(f"{e.tier}: {e.outcome}" for e in outcome) or "no tiers configured"
         state.startup_detail = f"{probe}; models: {loads}"
@@ -93,7 +100,9 @@ async def _startup_work(app: FastAPI) -> None:
 
 def import_generation_stack() -> None:
     """Import torch, diffusers and transformers, and route their chatter to the log."""
-    importlib.import_module("diffusers")
+    from services.generation.capabilities import diffusers_name
+
+    diffusers_name("DiffusionPipeline")  # under the lock that capability reads take
     importlib.import_module("transformers")
     quiet_libraries()
 

@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from services.settings import Settings
+from services.generation.capabilities import PipelineCaps
+from services.settings import KINDS, Settings
 
 
 def _narrow(prop: dict[str, Any], *, maximum: float | None = None, note: str = "") -> None:
@@ -74,6 +75,7 @@ def configured_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         agent_model.pop("anyOf", None)
         agent_model["enum"] = tiers or ["fast"]
         agent_model["type"] = "string"
+    complete = _describe_pipelines(app, settings, doc)
     openai_images = schemas.get("ImageGenerationRequest", {}).get("properties", {})
     if "n" in openai_images:
         _narrow(openai_images["n"], maximum=gen.image.max_images)
@@ -92,5 +94,60 @@ def configured_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 }
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    app.openapi_schema = doc
+    if complete:  # else built again once every configured folder has been read
+        app.openapi_schema = doc
     return doc
+
+
+def caps_text(caps: PipelineCaps) -> str:
+    """One paragraph on what a configured pipeline makes, for its endpoint's description."""
+    parts = [f"**Configured pipeline: {caps.class_name}**"]
+    if caps.kind in ("image", "video"):
+        parts.append(
+            f"width and height multiples of {caps.size_multiple}, "
+            f"default {caps.default_width}x{caps.default_height}"
+        )
+    if caps.kind == "video":
+        parts.append(f"frames {caps.frame_rule.text}, default {caps.default_frames or 'its own'}")
+        if caps.video_audio:
+            parts.append(f"the MP4 carries its audio track ({caps.sample_rate} Hz)")
+    if caps.kind == "music":
+        parts.append(
+            f"{caps.sample_rate} Hz, default {caps.default_duration_s or 'its own'} s"
+            + (f", at most {caps.max_duration_s:g} s" if caps.max_duration_s else "")
+        )
+    takes = caps.inputs
+    inputs = [
+        name
+        for name, on in (
+            ("image (required)" if takes.image_required else "image", takes.image),
+            ("last_image", takes.last_image),
+            ("lyrics", takes.lyrics),
+            ("negative_prompt", takes.negative_prompt),
+            ("guidance_scale", takes.guidance),
+        )
+        if on
+    ]
+    parts.append("takes " + (", ".join(inputs) if inputs else "the prompt alone"))
+    if not takes.prompt:
+        parts.append("no prompt")
+    parts.append(f"weights stored as {caps.published_dtype or 'float32 (or unstated)'}")
+    return "; ".join(parts) + "."
+
+
+def _describe_pipelines(app: FastAPI, settings: Settings, doc: dict[str, Any]) -> bool:
+    """Add each configured pipeline's capabilities to its endpoint's description; False
+    while a configured folder has not been read yet (start-up reads them)."""
+    registry = getattr(app.state, "pipelines", None)
+    known = registry.known_caps() if registry is not None else {}
+    complete = True
+    for kind in KINDS:
+        if getattr(settings.generation, kind).pipeline is None:
+            continue
+        caps = known.get(kind)
+        op = doc.get("paths", {}).get(f"/generate-{kind}", {}).get("post")
+        if caps is None or op is None:
+            complete = complete and op is None
+            continue
+        op["description"] = f"{op.get('description', '')}\n\n{caps_text(caps)}".strip()
+    return complete

@@ -159,6 +159,16 @@ class GateDecisionInfo(BaseModel):
         description="Why the task went to this device (with several: idle gate, pipeline "
         "loaded, free room, least to unload)."
     )
+    rung: str | None = Field(
+        None,
+        description="The placement rung a generation runs at: `full`, `vae_tiling`, `fp8`, "
+        "`offload_blocks`, `offload_model` or `sequential` (null: not a generation request).",
+    )
+    rung_because: str = Field(
+        "",
+        description="Why that rung: its need against what was usable (`estimated` before "
+        "the rung was measured), its speed against full residency, the faster rungs' needs.",
+    )
 
 
 class HeavyTaskInfo(BaseModel):
@@ -243,6 +253,50 @@ class DeviceReportInfo(BaseModel):
     lane: LaneStateInfo
 
 
+class PipelineInputsInfo(BaseModel):
+    """The request inputs a pipeline takes besides the prompt."""
+
+    prompt: bool = Field(description="Takes `prompt` (Stable Video Diffusion does not).")
+    image: bool = Field(description="Takes `image`.")
+    image_required: bool = Field(description="Cannot run without `image` (image-to-video).")
+    last_image: bool = Field(description="Takes `last_image` (Wan image-to-video).")
+    lyrics: bool = Field(description="Takes `lyrics` (ACE-Step).")
+    negative_prompt: bool
+    guidance: bool = Field(description="Takes `guidance_scale`.")
+
+
+class FrameRuleInfo(BaseModel):
+    step: int = Field(description="Frame counts of the form step x k + 1; 1: any count.")
+    text: str = Field(examples=["4k+1"])
+
+
+class PipelineCapsInfo(BaseModel):
+    """What a pipeline folder can do, read from the folder: what requests are checked
+    against, and how its calls are built."""
+
+    class_name: str = Field(examples=["WanPipeline"])
+    denoiser: str | None = Field(description="`transformer` (a DiT) or `unet`.")
+    size_multiple: int = Field(description="`width` and `height` must be multiples of it.")
+    frame_rule: FrameRuleInfo
+    default_width: int | None
+    default_height: int | None
+    default_frames: int | None
+    default_fps: float | None = Field(description="The frame rate the pipeline assumes.")
+    default_duration_s: float | None = Field(description="Music: the pipeline's own default.")
+    max_duration_s: float | None = Field(description="Music: its longest clip.")
+    sample_rate: int | None = Field(description="Music, and a video pipeline's audio track.")
+    audio_channels: int | None
+    published_dtype: str | None = Field(description="The 16-bit dtype its weights are stored in.")
+    inputs: PipelineInputsInfo
+    frame_rate_param: str | None = Field(description="The call argument `fps` goes to.")
+    duration_param: str | None = Field(description="The call argument `duration_s` goes to.")
+    guidance_param: str | None = Field(description="The call argument `guidance_scale` goes to.")
+    video_audio: bool = Field(description="A video pipeline whose MP4 carries an audio track.")
+    min_steps: int = Field(description="Fewest `steps` its scheduler runs (LTX: 2).")
+    max_frames: int | None = Field(description="Most frames it makes (AnimateDiff: 32).")
+    source: str = Field(description="`config`: read from the folder's config files.")
+
+
 class PipelineInfoOut(BaseModel):
     kind: str = Field(examples=["image"])
     folder: str | None
@@ -251,8 +305,10 @@ class PipelineInfoOut(BaseModel):
     device: str
     dtype: str | None = Field(description="Weights' dtype while loaded.", examples=["float16"])
     class_name: str | None
-    savers: bool | None = Field(
-        description="Memory savers (CPU offload, VAE slicing/tiling) on; null: unknown."
+    placement: str | None = Field(
+        description="The placement rung it is loaded at (`full`, `vae_tiling`, `fp8`, "
+        "`offload_blocks`, `offload_model`, `sequential`); null while not loaded.",
+        examples=["full"],
     )
     weights_mb: float | None = Field(description="Parameters and buffers held, measured.")
     persisted_mb: float | None = Field(description="What runs left allocated since the load.")
@@ -263,6 +319,22 @@ class PipelineInfoOut(BaseModel):
     max_duration_s: float | None = Field(None, description="Music: the longest clip.")
     memory_model: PipelineModelInfo | None = Field(
         None, description="What a request is predicted to need, learned from measured runs."
+    )
+    dtype_reason: str | None = Field(
+        None, description="Why that dtype (`generation.<kind>.dtype`), while loaded."
+    )
+    caps: PipelineCapsInfo | None = Field(
+        None, description="What the folder can do; null until it has been read."
+    )
+    placement_detail: str | None = Field(
+        None, description="The rung as applied, e.g. what block offload keeps resident."
+    )
+    offloaded_mb: float | None = Field(
+        None, description="Weights an offload rung keeps in host RAM (held in the ledger)."
+    )
+    unsupported_rungs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rungs this folder's model cannot take, and why (skipped from then on).",
     )
 
 
@@ -366,15 +438,33 @@ class GenerationParamsInfo(BaseModel):
     height: int | None
     num_images: int
     num_frames: int | None
-    fps: int
+    fps: int | None
     video_format: str
     duration_s: float | None
+    lyrics: str | None = None
+    round_to_valid: bool = False
+
+
+class AdjustmentInfo(BaseModel):
+    """A value changed on request (`round_to_valid`) to one the pipeline makes exactly."""
+
+    field: str = Field(examples=["num_frames"])
+    asked: float = Field(examples=[8])
+    used: float = Field(examples=[9])
 
 
 class JobView(BaseModel):
     job_id: str
     kind: str
-    params: GenerationParamsInfo = Field(description="What the request asked for.")
+    params: GenerationParamsInfo = Field(
+        description="What the request asked for, with the defaults filled in (the request's, "
+        "else the config's, else the pipeline's own) and `adjustments` applied. Input images "
+        "are not echoed."
+    )
+    adjustments: list[AdjustmentInfo] = Field(
+        default_factory=list,
+        description="What `round_to_valid` changed: the request's value and the one produced.",
+    )
     status: str = Field(description="queued, running, succeeded, failed or cancelled.")
     progress: JobProgressInfo
     outputs: list[OutputInfo]
@@ -406,6 +496,9 @@ def job_view(job: Job | JobState) -> JobView:
         job_id=job.id,
         kind=job.kind,
         params=GenerationParamsInfo.model_validate(job.params, from_attributes=True),
+        adjustments=[
+            AdjustmentInfo.model_validate(a, from_attributes=True) for a in job.adjustments
+        ],
         status=job.status,
         progress=JobProgressInfo.model_validate(job.progress, from_attributes=True),
         outputs=[OutputInfo.model_validate(o, from_attributes=True) for o in job.outputs],

@@ -29,10 +29,14 @@ class InvalidRequest(EdisonError):
 
     code = "invalid_request"
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, **extra: Any) -> None:
+        # ``extra`` goes into the field's entry, e.g. ``nearest=[64, 80]``: the valid
+        # values either side of the one refused.
         super().__init__(
-            f"Invalid request: {field}: {message}", fields=[{"field": field, "message": message}]
+            f"Invalid request: {field}: {message}",
+            fields=[{"field": field, "message": message, **extra}],
         )
+        self.field = field
 
 
 class NotReady(EdisonError):

@@ -436,29 +436,120 @@ class PipelineSettings(_Section):
         description="Load the pipeline at start-up and run one tiny warm-up step on its device "
         "before /ready (the first request then pays no load and no kernel warm-up).",
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Weights' dtype. `auto`: float32 on the CPU; on a GPU the folder's own "
+        "16-bit dtype when its weights are stored in one, else bfloat16 for transformer (DiT) "
+        "pipelines on cards that have it and float16 for UNet ones.",
+    )
+    placement: Literal["auto", "full", "offload_blocks", "offload_model", "sequential"] = Field(
+        "auto",
+        description="Where the weights live while it runs. `auto`: the fastest rung of the "
+        "placement ladder whose need fits what is usable (full residency, VAE tiling, fp8 "
+        "storage, block offload, model offload, leaf offload); another value pins that rung.",
+    )
+    fp8: Literal["auto", "off"] = Field(
+        "auto",
+        description="`auto`: the ladder may store the denoiser's weights in float8 and cast "
+        "each layer as it runs (where the model supports it); `off`: never.",
+    )
+    pin_memory: bool = Field(
+        True,
+        description="Offloaded weights in pinned host memory (faster copies with CUDA streams), "
+        "when the ledger's usable RAM holds a pinned copy; else they stay pageable.",
+    )
+    max_image_mb: float = Field(
+        20, gt=0, le=1024, description="Largest input `image` / `last_image` (decoded MB)."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64, description="Largest input image, width x height in pixels."
+    )
 
 
-class ImageSettings(PipelineSettings):
+    @model_validator(mode="after")
+    def _a_diffusers_folder(self) -> PipelineSettings:
+        folder = self.pipeline
+        if folder is not None and folder.is_dir() and not (folder / "model_index.json").is_file():
+            what = (
+                "a transformers model (config.json), such as MusicGen"
+                if (folder / "config.json").is_file()
+                else "not a diffusers pipeline folder"
+            )
+            raise ValueError(
+                f"pipeline {folder} is {what}: Edison runs diffusers pipeline folders "
+                "(model_index.json), e.g. StableAudio, AudioLDM2 or ACE-Step for music"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _default_steps_within_limit(self) -> PipelineSettings:
+        _default_within("default_steps", self.default_steps, "max_steps", self.max_steps)
+        return self
+
+
+class _SizedSettings(PipelineSettings):
+    default_width: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="`width` when a request omits it (default: the pipeline's).",
+    )
+    default_height: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="`height` when a request omits it (default: the pipeline's).",
+    )
+
+
+class ImageSettings(_SizedSettings):
     max_pixels: int = Field(
         1024 * 1024, ge=64, description="Largest width x height a request may ask."
     )
     max_images: int = Field(4, ge=1, le=64, description="Largest `num_images` a request may ask.")
 
 
-class VideoSettings(PipelineSettings):
+class VideoSettings(_SizedSettings):
     required_vram_mb: int = Field(
         6000, ge=0, le=1048576, description="VRAM the gate frees before a run on a GPU."
     )
-    max_pixels: int = Field(512 * 512, ge=64, description="Largest width x height per frame.")
+    max_pixels: int = Field(1280 * 720, ge=64, description="Largest width x height per frame.")
     max_frames: int = Field(
-        48, ge=1, le=1024, description="Largest `num_frames` a request may ask."
+        257, ge=1, le=1024, description="Largest `num_frames` a request may ask."
     )
+    default_frames: int | None = Field(
+        None, ge=1, le=1024, description="`num_frames` when a request omits it "
+        "(default: the pipeline's)."
+    )
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> VideoSettings:
+        _default_within("default_frames", self.default_frames, "max_frames", self.max_frames)
+        return self
 
 
 class MusicSettings(PipelineSettings):
     max_duration_s: float = Field(
         47, gt=0, le=600, description="Longest `duration_s` a request may ask."
     )
+    default_duration_s: float | None = Field(
+        None, gt=0, le=600, description="`duration_s` when a request omits it (default: the "
+        "pipeline's own, capped at `max_duration_s`)."
+    )
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> MusicSettings:
+        _default_within(
+            "default_duration_s", self.default_duration_s, "max_duration_s", self.max_duration_s
+        )
+        return self
+
+
+def _default_within(name: str, value: float | None, limit: str, most: float) -> None:
+    """A configured default above its own maximum would make every request that omits
+    the field a 422: refuse the config instead, naming both keys."""
+    if value is not None and value > most:
+        raise ValueError(f"{name} ({value:g}) is above {limit} ({most:g})")
 
 
 class GenerationSettings(_Section):

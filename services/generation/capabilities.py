@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ class PipelineCaps:
     duration_param: str | None  # where the request's duration_s goes
     guidance_param: str | None
     video_audio: bool = False  # a video pipeline that also returns an audio track
+    min_steps: int = 1  # 2 where the scheduler stretches its shifts to a terminal value
+    max_frames: int | None = None  # AnimateDiff: its motion module's positions (32)
     params: frozenset[str] = field(default_factory=frozenset, repr=False)  # __call__ names
     source: str = "config"  # "config" (before load) | "loaded" (read from the pipeline)
 
@@ -167,13 +170,31 @@ def _vae_factors(folder: Path) -> tuple[int, int, int]:
         blocks = vae.get("block_out_channels") or [0, 0, 0, 0]
         spatial = 2 ** max(0, len(blocks) - 1)
     channels = _int(vae.get("latent_channels")) or _int(vae.get("z_dim")) or 4
+    if vae.get("_class_name") == "AutoencoderKLCogVideoX" and (temporal or 1) > 1:
+        # Its decoder doubles an even number of latent frames (5 frames ask 2 latents and
+        # come back as 8): only an odd latent count, 8k+1 frames, comes back as asked.
+        temporal = 2 * temporal
     return spatial, temporal or 1, channels
+
+
+# Why: diffusers imports its classes lazily, and two threads resolving them at once (the
+# start-up import, a request's capability read, a pipeline load) can each see the other's
+# half-made module ("cannot import name ..."). Every import of a diffusers name holds it.
+IMPORT_LOCK = threading.Lock()
+
+
+def diffusers_name(name: str) -> Any:
+    """``diffusers.<name>`` (None when there is none), imported under IMPORT_LOCK."""
+    with IMPORT_LOCK:
+        import diffusers
+
+        return getattr(diffusers, name, None)
 
 
 def _signature(class_name: str) -> dict[str, inspect.Parameter]:
     import diffusers
 
-    cls = getattr(diffusers, class_name, None)
+    cls = diffusers_name(class_name)
     if not isinstance(cls, type) or "__call__" not in dir(cls):
         raise UnsupportedPipeline(
             f"pipeline class {class_name} is not in diffusers {diffusers.__version__}",
@@ -189,6 +210,13 @@ def _default(params: dict[str, inspect.Parameter], name: str) -> Any:
 
 def _first(params: dict[str, inspect.Parameter], names: tuple[str, ...]) -> str | None:
     return next((n for n in names if n in params), None)
+
+
+def _min_steps(folder: Path) -> int:
+    """A flow-match scheduler with ``shift_terminal`` (LTX) divides by zero at one step
+    (NaN timesteps, then an IndexError deep in the scheduler): it needs two."""
+    cfg = _json(folder / "scheduler" / "scheduler_config.json")
+    return 2 if cfg.get("shift_terminal") else 1
 
 
 def _music_rate(folder: Path) -> tuple[int | None, int | None, float | None]:
@@ -217,15 +245,22 @@ def read_caps(kind: str, folder: Path) -> PipelineCaps:
     class_name = pipeline_class(folder)
     if class_name is None:
         raise UnsupportedPipeline(
-            f"no diffusers pipeline at {folder} (model_index.json missing)", kind=kind
+            f"{kind} pipeline unavailable: no diffusers pipeline at {folder} "
+            "(model_index.json missing)",
+            kind=kind,
         )
-    params = _signature(class_name)
+    try:
+        params = _signature(class_name)
+    except UnsupportedPipeline as exc:
+        message = f"{kind} pipeline unavailable: {exc.message}"
+        raise UnsupportedPipeline(message, **exc.details) from None
     makes_video = "num_frames" in params
     duration_param = _first(params, DURATION_PARAMS)
     made = "video" if makes_video else "music" if duration_param else "image"
     if made != kind:
         raise UnsupportedPipeline(
-            f"{class_name} makes {made}, not {kind}: configure it under generation.{made}",
+            f"{kind} pipeline unavailable: {class_name} makes {made}, not {kind}: "
+            f"configure it under generation.{made}",
             class_name=class_name,
             kind=kind,
         )
@@ -269,11 +304,16 @@ def read_caps(kind: str, folder: Path) -> PipelineCaps:
             channels = _int(audio_vae.get("out_ch")) or 2
 
     rate_param = _first(params, FRAME_RATE_PARAMS) if kind == "video" else None
+    # Wan 2.1 image-to-video embeds its input image with a CLIP encoder; only the FLF2V
+    # checkpoints' transformers have room for a second one (pos_embed_seq_len).
+    last_image = "last_image" in params and not (
+        (folder / "image_encoder").is_dir() and not den.get("pos_embed_seq_len")
+    )
     needs_image = "image" in params and any(s in class_name for s in _NEEDS_IMAGE)
     inputs = PipelineInputs(
         image="image" in params,
         image_required=needs_image,
-        last_image="last_image" in params,
+        last_image=last_image,
         lyrics="lyrics" in params,
         negative_prompt="negative_prompt" in params,
         guidance=_first(params, GUIDANCE_PARAMS) is not None or "min_guidance_scale" in params,
@@ -300,6 +340,8 @@ def read_caps(kind: str, folder: Path) -> PipelineCaps:
         duration_param=duration_param,
         guidance_param=_first(params, GUIDANCE_PARAMS),
         video_audio=kind == "video" and rate is not None,
+        min_steps=_min_steps(folder),
+        max_frames=_int(den.get("motion_max_seq_length")) if kind == "video" else None,
         params=frozenset(params),
     )
 

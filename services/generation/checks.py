@@ -42,6 +42,14 @@ def resolve(
     adjustments: list[Adjustment] = []
     p = params
     _check_inputs(caps, p)
+    if p.steps is None:  # the config's default, at least what the scheduler runs
+        p = dataclasses.replace(p, steps=max(cfg.default_steps, caps.min_steps))
+    elif p.steps < caps.min_steps:
+        raise InvalidRequest(
+            "steps",
+            f"{caps.class_name}'s scheduler needs at least {caps.min_steps} steps",
+            nearest=[caps.min_steps],
+        )
     if caps.kind in ("image", "video"):
         width = p.width or getattr(cfg, "default_width", None) or caps.default_width
         height = p.height or getattr(cfg, "default_height", None) or caps.default_height
@@ -60,6 +68,12 @@ def resolve(
         frames = p.num_frames or getattr(cfg, "default_frames", None) or caps.default_frames
         if frames is not None:
             frames = _on_frame_rule(frames, caps, p, adjustments)
+            if caps.max_frames and frames > caps.max_frames:
+                raise InvalidRequest(
+                    "num_frames",
+                    f"{caps.class_name}'s motion module holds at most {caps.max_frames} frames",
+                    nearest=[caps.frame_rule.nearest(caps.max_frames)[0]],
+                )
             most = cfg.max_frames  # type: ignore[attr-defined]
             if frames > most:
                 raise InvalidRequest(
@@ -139,6 +153,14 @@ def _on_multiple(
 ) -> int | None:
     if value is None:
         return None
+    least = 2 * caps.size_multiple  # one latent cell a side breaks VAEs' padding (LTX-2)
+    if value < least:
+        if not p.round_to_valid:
+            raise InvalidRequest(
+                field, f"must be at least {least} for {caps.class_name}", nearest=[least]
+            )
+        adjustments.append(Adjustment(field, value, least))
+        return least
     near = caps.size_nearest(value)
     if near == [value]:
         return value
@@ -188,7 +210,7 @@ def warm_params(caps: PipelineCaps) -> GenerationParams:
         image = buf.getvalue()
     return GenerationParams(
         "warm-up" if caps.inputs.prompt else "",
-        steps=1,
+        steps=caps.min_steps,
         seed=0,
         width=side if caps.kind != "music" else None,
         height=side if caps.kind != "music" else None,

@@ -3,13 +3,15 @@
 A request is checked against the config's limits (:meth:`JobService.prepare`), becomes a
 job, is queued at the gate, runs its pipeline in a worker thread (never on the event
 loop), reports progress per step, and can be cancelled while queued or at its next step.
-A CUDA out-of-memory error unloads everything else and retries once with the
-pipeline's memory savers; a second one answers 503 ``insufficient_vram``.
+The gate chooses the job's placement rung (``placement_ladder.py``); a CUDA out-of-memory
+error unloads everything else and steps down to the next rung, and one at the last rung
+answers 503 ``insufficient_vram``. A rung the model cannot take is skipped the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -19,21 +21,36 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from services.errors import Cancelled, EdisonError, InsufficientMemory, InvalidRequest, NotFound
+import anyio
+
+from services.errors import (
+    Cancelled,
+    EdisonError,
+    InsufficientMemory,
+    InvalidRequest,
+    JobNotFinished,
+    ModelUnavailable,
+    NotFound,
+)
 from services.events import EventBus
+from services.generation.checks import decode_inputs, resolve, warm_params
 from services.generation.eta import DurationModel
-from services.generation.params import GenerationParams, RunResult
+from services.generation.params import Adjustment, GenerationParams, RunResult
 from services.generation.pipelines import PipelineOOM
+from services.generation.placement_ladder import RungLadder, RungOption, RungUnsupported
 from services.generation.registry import PipelineRegistry, PredictedNeed
+from services.generation.retention import PruneResult, prune_outputs
 from services.generation.sizing import PipelineShape, request_size
-from services.memory.gate import GateDecision, MemoryGate
-from services.memory.placement import TaskNeed
+from services.memory.gate import GateDecision, MemoryGate, Place
+from services.memory.placement import TaskNeed, task_need
 from services.settings import KINDS, Settings
 
 log = logging.getLogger("edison.generation")
 MAX_JOBS_KEPT = 1000
+PRUNE_EVERY_S = 60.0  # a retention pass at least this often (and after each job)
 
 
 @dataclass
@@ -104,6 +121,45 @@ class Job:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     shape: PipelineShape | None = field(default=None, repr=False)
     predicted: PredictedNeed | None = field(default=None, repr=False)
+    ladder: RungLadder | None = field(default=None, repr=False)  # its placements, last built
+    adjustments: list[Adjustment] = field(default_factory=list)  # round_to_valid's changes
+    place: Place | None = field(default=None, repr=False)  # its place in line, from submit
+
+    def snapshot(self, progress: JobProgress | None = None) -> JobState:
+        """The job as it is now, as a frozen copy (``progress``: the one of a given step)."""
+        now = {f.name: getattr(self, f.name) for f in dataclasses.fields(JobState)}
+        now.update(
+            progress=dataclasses.replace(progress or self.progress),
+            timings_ms=dataclasses.replace(self.timings_ms),
+            outputs=tuple(self.outputs),
+            adjustments=tuple(self.adjustments),
+        )
+        return JobState(**now)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job as it was at one moment: what events and the memory report carry, so that a
+    reader who gets it later (an event subscriber behind the others) sees that moment,
+    not whatever the job has become since. Its fields are :class:`Job`'s public ones."""
+
+    id: str
+    kind: str
+    params: GenerationParams
+    status: str
+    progress: JobProgress
+    outputs: tuple[JobOutput, ...]
+    seed: int | None
+    gate: GateDecision | None
+    timings_ms: JobTimings
+    error: JobError | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    position: int | None
+    eta_s: float | None
+    device: str | None
+    adjustments: tuple[Adjustment, ...]
 
 
 Observer = Callable[[str, str, float], None]  # (kind, status, seconds), for metrics
@@ -129,40 +185,30 @@ class JobService:
         self.durations = DurationModel()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         gate.queue_drain_s = self.queue_drain_s  # Retry-After from measured durations
+        self._prune_soon = asyncio.Event()  # set when a job ends: a retention pass is due
+        self._retention: asyncio.Task[None] | None = None
 
-    def prepare(self, kind: str, params: GenerationParams) -> GenerationParams:
-        """Check a request against the config's limits (InvalidRequest naming the field)
-        and fill in the defaults the config gives."""
+    async def prepare(
+        self, kind: str, params: GenerationParams
+    ) -> tuple[GenerationParams, list[Adjustment]]:
+        """Check a request against the config's limits and what its pipeline can make
+        (InvalidRequest naming the field, with the nearest valid values), and fill in the
+        defaults: the request's, else the config's, else the pipeline's own."""
         if kind not in KINDS:
             raise NotFound(f"No such generation kind {kind!r}")
         cfg = self.pipelines.config(kind)
         steps = params.steps or cfg.default_steps
         _check("steps", steps <= cfg.max_steps, f"must be at most {cfg.max_steps}")
-        if kind in ("image", "video") and params.width and params.height:
-            most = cfg.max_pixels  # type: ignore[attr-defined]
-            _check(
-                "width",
-                params.width * params.height <= most,
-                f"width x height must be at most {most} pixels",
-            )
-        limits = {
-            "image": ("num_images", "max_images"),
-            "video": ("num_frames", "max_frames"),
-            "music": ("duration_s", "max_duration_s"),
-        }
-        name, limit = limits[kind]
-        value, most = getattr(params, name), getattr(cfg, limit)
-        if value is not None:
-            _check(name, value <= most, f"must be at most {most:g}")
-        if kind == "music" and params.duration_s is not None:
-            longest = self.pipelines.longest_clip_s(kind)
-            if longest:
-                _check(
-                    "duration_s",
-                    params.duration_s <= longest,
-                    f"the pipeline's longest clip is {longest:g} s",
-                )
-        return dataclasses.replace(params, steps=steps)
+        if kind == "image":
+            most = cfg.max_images  # type: ignore[attr-defined]
+            _check("num_images", params.num_images <= most, f"must be at most {most}")
+        caps = await self.pipelines.caps(kind)
+        if caps is None:  # no folder: the load says so (503 model_unavailable)
+            return dataclasses.replace(params, steps=steps), []
+        params, adjustments = resolve(caps, cfg, params)
+        if params.image is not None or params.last_image is not None:
+            params = await anyio.to_thread.run_sync(decode_inputs, kind, cfg, params)
+        return params, adjustments
 
     async def submit(self, kind: str, params: GenerationParams) -> Job:
         """Check the request, queue it as a job and start it; returns once it is queued.
@@ -170,33 +216,80 @@ class JobService:
         A request whose learned need exceeds what the device could ever give (its whole
         memory less the reserve) is refused here: InvalidRequest naming the field that
         makes it large, with the prediction."""
-        params = self.prepare(kind, params)
+        params, adjustments = await self.prepare(kind, params)
         shape = await self.pipelines.shape(kind)
         if shape is not None:
             await self._check_it_can_ever_fit(kind, params, shape)
-        job = Job(uuid.uuid4().hex, kind, params, shape=shape)
+        job = Job(uuid.uuid4().hex, kind, params, shape=shape, adjustments=adjustments)
         job.progress.total = params.steps or 0
         if shape is not None:
             job.size = request_size(shape, params).value
+        # The place in line is taken before anyone hears of the job: a full line refuses
+        # it here (QueueFull, 503 with Retry-After), never after a 202 went out.
+        job.place = await self.gate.take_place(
+            self._need_of(job), self._reason(job), kind=kind, ticket=job.id
+        )
+        job.device = job.place.device
         self.jobs[job.id] = job
-        while len(self.jobs) > MAX_JOBS_KEPT:
-            old_id, old = next(iter(self.jobs.items()))
-            if not old.done.is_set():
-                break
-            self.jobs.pop(old_id)
+        self.prune_jobs()
         job.task = asyncio.create_task(self._run(job), name=f"edison-job-{job.id}")
+        job.task.add_done_callback(functools.partial(self._task_ended, job))
         self._publish("job.queued", job)
         return self.locate(job)
+
+    def _need_of(self, job: Job) -> Callable[[str], TaskNeed]:
+        """The job's need on a device: request-sized when the folder's shape is known,
+        else the configured figures."""
+        if job.shape is not None:
+            return functools.partial(self._predict, job)
+        cfg = self.pipelines.config(job.kind)
+        return functools.partial(task_need, required_vram_mb=cfg.required_vram_mb,
+                                 required_ram_mb=cfg.required_ram_mb)
+
+    @staticmethod
+    def _reason(job: Job) -> str:
+        return f"{job.kind}: {job.params.prompt[:40]}"
+
+    def _task_ended(self, job: Job, task: asyncio.Task[None]) -> None:
+        """A job task cancelled before it ran never reached its own clean-up: leave its
+        place in line and mark it cancelled here."""
+        if job.place is not None:
+            job.place.abandon()  # nothing once heavy_task took the place over
+        if not job.done.is_set():
+            job.status = "cancelled"
+            job.error = job.error or JobError("cancelled", "cancelled")
+            job.finished_at = time.time()
+            job.done.set()
+            self._publish("job.finished", job)
+
+    def prune_jobs(self, now: float | None = None) -> int:
+        """Forget finished jobs beyond ``MAX_JOBS_KEPT`` (oldest first) and those finished
+        longer than ``server.outputs_max_age_h`` ago, wherever they stand in the order
+        (an unfinished job never stops the pruning, and is never pruned). Returns how
+        many were forgotten."""
+        now = time.time() if now is None else now
+        max_age_h = self.settings.server.outputs_max_age_h
+        cutoff = None if max_age_h is None else now - max_age_h * 3600
+        finished = [j for j in self.jobs.values() if j.done.is_set()]  # oldest first
+        gone = [
+            j.id
+            for j in finished
+            if cutoff is not None and (j.finished_at or j.created_at) < cutoff
+        ]
+        excess = len(self.jobs) - len(gone) - MAX_JOBS_KEPT
+        gone += [j.id for j in finished if j.id not in gone][: max(0, excess)]
+        for job_id in gone:
+            self.jobs.pop(job_id, None)
+        return len(gone)
 
     async def warm(self, kind: str) -> float:
         """Load a pipeline and run one tiny step through the gate (start-up preload);
         returns the milliseconds it took."""
         cfg = self.pipelines.config(kind)
-        tiny = {
-            "image": GenerationParams("warm-up", steps=1, width=64, height=64, seed=0),
-            "video": GenerationParams("warm-up", steps=1, width=64, height=64, num_frames=2),
-            "music": GenerationParams("warm-up", steps=1, duration_s=0.5, seed=0),
-        }[kind]
+        caps = await self.pipelines.caps(kind)
+        if caps is None:
+            raise ModelUnavailable(f"no {kind} pipeline folder is configured", kind=kind)
+        tiny = warm_params(caps)
         t0 = time.perf_counter()
         async with self.gate.heavy_task(
             cfg.required_vram_mb, f"{kind}: warm-up", required_ram_mb=cfg.required_ram_mb, kind=kind
@@ -212,7 +305,7 @@ class JobService:
         refusals = []
         for device in placement.allowed(snap, self.pipelines.config(kind).device):
             budget = placement.view_of(snap, device=device).budget
-            p = self.pipelines.predict(kind, device, params, shape)
+            p = self.pipelines.predict(kind, device, params, shape, least=True)
             most = budget.capacity_mb - budget.reserve_mb
             if p.need.source != "learned" or p.need.mb <= most:
                 return  # some device could hold it
@@ -222,6 +315,13 @@ class JobService:
                 f"{most:.0f} MB"
             )
         raise InvalidRequest(p.size.field, "; ".join(refusals))
+
+    def _ladder(self, job: Job, device: str) -> RungLadder:
+        """The job's placements on ``device``, for the gate to choose from (kept on the job
+        for the OOM step-down)."""
+        assert job.shape is not None
+        job.ladder = self.pipelines.ladder(job.kind, device, job.params, job.shape)
+        return job.ladder
 
     def _predict(self, job: Job, device: str) -> TaskNeed:
         """The gate's figure for this job on ``device`` (kept on the job for learning)."""
@@ -301,9 +401,66 @@ class JobService:
             left += self._duration_s(other.kind if other else entry.kind or "", other)
         return left
 
-    def _publish(self, type_: str, job: Job) -> None:
+    # ---- retention -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._retention = asyncio.create_task(self._retain(), name="edison-outputs-retention")
+
+    async def shutdown(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+
+    async def _retain(self) -> None:
+        """A retention pass after each job ends and at least every ``PRUNE_EVERY_S``."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._prune_soon.wait(), PRUNE_EVERY_S)
+            self._prune_soon.clear()
+            try:
+                await self.prune()
+            except Exception:  # noqa: BLE001 - retention must never stop the service
+                log.exception("outputs retention pass failed")
+
+    async def prune(self) -> PruneResult:
+        """One retention pass: forget old finished jobs (``prune_jobs``) and delete the
+        generated files beyond ``server.outputs_max_age_h`` / ``outputs_max_mb`` (in a
+        worker thread), never a file of a job not done."""
+        self.prune_jobs()
+        unfinished = [j for j in self.jobs.values() if not j.done.is_set()]
+        started = [j.started_at for j in unfinished if j.started_at is not None]
+        server = self.settings.server
+        age_h = server.outputs_max_age_h
+        return await anyio.to_thread.run_sync(
+            functools.partial(
+                prune_outputs,
+                server.outputs_dir,
+                max_age_s=None if age_h is None else age_h * 3600,
+                max_mb=server.outputs_max_mb,
+                busy_since=min(started, default=None),
+                busy_names=frozenset(o.name for j in unfinished for o in j.outputs),
+            )
+        )
+
+    async def remove(self, job_id: str) -> Job:
+        """Forget a finished job and delete its files; JobNotFinished (409) while it is
+        queued or running (cancel it first)."""
+        job = self.get(job_id)
+        if not job.done.is_set():
+            raise JobNotFinished(
+                f"Job {job_id!r} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel)",
+                job_id=job_id,
+                job_status=job.status,
+            )
+        self.jobs.pop(job.id, None)
+        folder = self.settings.server.outputs_dir
+        await anyio.to_thread.run_sync(_delete_files, [folder / o.name for o in job.outputs])
+        return job
+
+    def _publish(self, type_: str, job: Job, progress: JobProgress | None = None) -> None:
+        """Publish the job as it is now (a frozen copy: see :class:`JobState`)."""
         if self.events is not None:
-            self.events.publish(type_, self.locate(job))
+            self.events.publish(type_, self.locate(job).snapshot(progress))
 
     def cancel(self, job_id: str, why: str = "cancelled by request") -> Job:
         """Cancel a queued job now, a running one at its next step."""
@@ -324,16 +481,17 @@ class JobService:
     async def _run(self, job: Job) -> None:
         t0 = time.perf_counter()
         cfg = self.pipelines.config(job.kind)
-        reason = f"{job.kind}: {job.params.prompt[:40]}"
+        reason = self._reason(job)
         try:
-            need_on = None if job.shape is None else functools.partial(self._predict, job)
             async with self.gate.heavy_task(
                 cfg.required_vram_mb,
                 reason,
                 required_ram_mb=cfg.required_ram_mb,
                 kind=job.kind,
-                need_on=need_on,
+                need_on=self._need_of(job),
                 ticket=job.id,
+                place=job.place,
+                ladder_on=None if job.shape is None else functools.partial(self._ladder, job),
             ) as task:
                 if job.cancel_event.is_set():
                     raise Cancelled("Cancelled before it ran")
@@ -343,7 +501,7 @@ class JobService:
                 job.gate = task.decision
                 job.device = task.device
                 job.timings_ms.queued = round(task.queued_ms, 1)
-                result = await self._run_with_retry(job, task.device, reason)
+                result = await self._run_with_retry(job, task.device, reason, task.rung)
             job.outputs = [
                 JobOutput(url=f"/outputs/{o.name}", name=o.name, media_type=o.media_type, **o.meta)
                 for o in result.outputs
@@ -374,37 +532,60 @@ class JobService:
             job.timings_ms.total = round((time.perf_counter() - t0) * 1000, 1)
             job.finished_at = time.time()
             job.done.set()
+            self._prune_soon.set()
             self._publish("job.finished", job)
             if self.observe:
                 self.observe(job.kind, job.status, job.timings_ms.total / 1000)
 
-    async def _run_with_retry(self, job: Job, device: str, reason: str) -> RunResult:
-        try:
-            return await self._run_pipeline(job, device, savers=False)
-        except PipelineOOM:
-            log.warning("CUDA out of memory in %s: retrying once with memory savers", reason)
-            if job.predicted is not None:
-                self.pipelines.record_oom(job.predicted)
-        await self.gate.recover_from_oom(job.kind, reason, device=device)
-        try:
-            return await self._run_pipeline(job, device, savers=True)
-        except PipelineOOM as exc:
-            after = (await self.pipelines.placement.view(device=device)).budget
-            need = job.predicted.need.mb if job.predicted is not None else None
-            raise InsufficientMemory(
-                f"{job.kind} ran out of VRAM even with memory savers and nothing else loaded",
-                retry_after_s=30,
-                required_vram_mb=need or self.pipelines.config(job.kind).required_vram_mb,
-                free_vram_mb=round(after.usable_mb, 1),
-                freed_mb=0,
-                device=device,
-            ) from exc
+    async def _run_with_retry(
+        self, job: Job, device: str, reason: str, option: RungOption | None
+    ) -> RunResult:
+        """Run at the rung the gate chose; on a CUDA out-of-memory error (learned as this
+        rung's failure at this size) or a rung the model cannot take, the next rung down,
+        until the ladder ends: then 503 with the figures."""
+        tried: list[str] = []
+        while True:
+            if option is not None:
+                job.predicted = option.predicted
+            try:
+                return await self._run_pipeline(job, device, option)
+            except PipelineOOM as exc:
+                failed, why = exc, "out of memory"
+                if job.predicted is not None:
+                    await self.pipelines.record_oom(job.predicted)
+            except RungUnsupported as exc:
+                failed, why = exc, f"unsupported ({exc.reason})"
+            here = option.label if option is not None else "its placement"
+            tried.append(f"{here}: {why}")
+            after = None
+            if job.ladder is not None and option is not None:
+                skip = isinstance(failed, RungUnsupported)
+                after = job.ladder.after(option, skip_rung=skip)
+            if after is None:
+                break
+            log.warning("%s at %s in %s: stepping down to %s", why, here, reason, after.label)
+            if isinstance(failed, PipelineOOM):
+                await self.gate.recover_from_oom(job.kind, reason, device=device)
+            option = after
+        if isinstance(failed, RungUnsupported):
+            raise failed
+        budget = (await self.pipelines.placement.view(device=device)).budget
+        need = job.predicted.need.mb if job.predicted is not None else None
+        raise InsufficientMemory(
+            f"{job.kind} ran out of memory at every rung it could take, with nothing else "
+            f"loaded: {'; '.join(tried)}",
+            retry_after_s=30,
+            required_vram_mb=need or self.pipelines.config(job.kind).required_vram_mb,
+            free_vram_mb=round(budget.usable_mb, 1),
+            freed_mb=0,
+            device=device,
+        ) from failed
 
-    async def _run_pipeline(self, job: Job, device: str, *, savers: bool) -> RunResult:
+    async def _run_pipeline(self, job: Job, device: str, option: RungOption | None) -> RunResult:
         def on_step(done: int, total: int) -> None:  # in the pipeline's thread
             job.progress = JobProgress(done, total)
-            if self.events is not None:
-                self.events.from_thread(self._publish, "job.progress", job)
+            if self.events is not None:  # the event says this step, whenever it is sent
+                self.events.from_thread(self._publish, "job.progress", job, job.progress)
 
         return await self.pipelines.run(
             job.kind,
@@ -412,9 +593,13 @@ class JobService:
             job.params,
             on_step=on_step,
             should_cancel=job.cancel_event.is_set,
-            savers=savers,
-            predicted=job.predicted,
+            option=option,
         )
+
+
+def _delete_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _check(field_name: str, ok: bool, message: str) -> None:

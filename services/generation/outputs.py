@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from services.generation.capabilities import PipelineCaps
 from services.generation.params import GenerationParams, OutputFile
 
 
 def write_outputs(
-    kind: str, outputs_dir: Path, pipe: Any, out: Any, params: GenerationParams
+    caps: PipelineCaps, outputs_dir: Path, pipe: Any, out: Any, params: GenerationParams
 ) -> list[OutputFile]:
     """Write what a run returned under ``outputs_dir``; say what was written."""
+    kind = caps.kind
     outputs_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{kind}_{uuid.uuid4().hex}"
     if kind == "image":
@@ -27,8 +29,14 @@ def write_outputs(
             for i, image in enumerate(_to_pil_list(out.images))
         ]
     if kind == "video":
-        return [_write_video(outputs_dir, _to_pil_list(out.frames[0]), stem, params)]
-    return [_write_wav(outputs_dir, pipe, out.audios, f"{stem}.wav", params)]
+        audio = getattr(out, "audio", None)  # LTX-2: the clip's sound, muxed into the MP4
+        track = None
+        if audio is not None and caps.sample_rate and params.video_format == "mp4":
+            track = (_audio_array(audio), caps.sample_rate)
+        return [_write_video(outputs_dir, _to_pil_list(out.frames[0]), stem, params, track)]
+    rate = caps.sample_rate or sample_rate(pipe)
+    audios = out.audios if hasattr(out, "audios") else out.audio
+    return [_write_wav(outputs_dir, rate, audios, f"{stem}.wav", params)]
 
 
 def _write_png(outputs_dir: Path, image: Any, name: str) -> OutputFile:
@@ -39,7 +47,11 @@ def _write_png(outputs_dir: Path, image: Any, name: str) -> OutputFile:
 
 
 def _write_video(
-    outputs_dir: Path, frames: list, stem: str, params: GenerationParams
+    outputs_dir: Path,
+    frames: list,
+    stem: str,
+    params: GenerationParams,
+    track: tuple[np.ndarray, int] | None = None,
 ) -> OutputFile:
     from diffusers.utils import export_to_gif, export_to_video
 
@@ -51,7 +63,11 @@ def _write_video(
     if fmt == "gif":
         export_to_gif(frames, str(path), fps=params.fps)
     else:
-        export_to_video(frames, str(path), fps=params.fps)
+        # Why macro_block_size 2: imageio's default of 16 rescales a 24-pixel-wide video to
+        # 32 without a word; H.264 in yuv420p needs only even sides (sizes are multiples of 8).
+        export_to_video(frames, str(path), fps=params.fps, macro_block_size=2)
+        if track is not None:
+            _mux_audio(path, *track, seconds=len(frames) / params.fps)
     meta = {
         "frames": len(frames),
         "fps": params.fps,
@@ -62,26 +78,65 @@ def _write_video(
     return OutputFile(name, path, "image/gif" if fmt == "gif" else "video/mp4", meta)
 
 
-def _write_wav(
-    outputs_dir: Path, pipe: Any, audios: Any, name: str, params: GenerationParams
-) -> OutputFile:
-    rate = sample_rate(pipe)
+def _audio_array(audios: Any) -> np.ndarray:
+    """The first clip of a pipeline's (batched) audio output as (samples, channels) float32."""
     audio = audios[0]
     audio = audio.detach().float().cpu().numpy() if hasattr(audio, "detach") else audio
     audio = np.asarray(audio, dtype=np.float32)
     # (channels, samples) -> (samples, channels); AudioLDM/MusicLDM give mono (samples,).
-    audio = audio.T if audio.ndim == 2 else audio[:, None]
-    if params.duration_s is not None:
-        audio = audio[: int(round(params.duration_s * rate))]
+    if audio.ndim == 2 and audio.shape[0] <= 8 < audio.shape[1]:
+        audio = audio.T
+    return audio if audio.ndim == 2 else audio.reshape(-1, 1)
+
+
+def _wav(path: Path, audio: np.ndarray, rate: int) -> np.ndarray:
     pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    path = outputs_dir / name
     with wave.open(str(path), "wb") as w:
         w.setnchannels(pcm.shape[1])
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(pcm.tobytes())
+    return pcm
+
+
+def _write_wav(
+    outputs_dir: Path, rate: int, audios: Any, name: str, params: GenerationParams
+) -> OutputFile:
+    audio = _audio_array(audios)
+    if params.duration_s is not None:
+        audio = audio[: int(round(params.duration_s * rate))]
+    path = outputs_dir / name
+    pcm = _wav(path, audio, rate)
     meta = {"duration_s": pcm.shape[0] / rate, "sample_rate": rate, "channels": pcm.shape[1]}
     return OutputFile(name, path, "audio/wav", meta)
+
+
+def _mux_audio(video: Path, audio: np.ndarray, rate: int, *, seconds: float) -> None:
+    """Put ``audio`` into the MP4 at ``video`` as an AAC track, cut to the video's length,
+    with the ffmpeg that writes the video (imageio-ffmpeg's)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    wav = video.with_suffix(".audio.wav")
+    muxed = video.with_suffix(".muxed.mp4")
+    try:
+        _wav(wav, audio[: int(round(seconds * rate))], rate)
+        subprocess.run(
+            [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                *("-loglevel", "error", "-y", "-i", str(video), "-i", str(wav)),
+                *("-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac"),
+                *("-t", f"{seconds:.6f}", str(muxed)),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        muxed.replace(video)
+    finally:
+        wav.unlink(missing_ok=True)
+        muxed.unlink(missing_ok=True)
 
 
 def sample_rate(pipe: Any) -> int:
@@ -95,16 +150,6 @@ def sample_rate(pipe: Any) -> int:
     if rate is None:
         raise ValueError(f"cannot tell the sample rate of {type(pipe).__name__}")
     return int(rate)
-
-
-def max_audio_s(pipe: Any) -> float | None:
-    """StableAudio's longest clip (sample_size * hop / rate); None where there is no limit."""
-    transformer, vae = getattr(pipe, "transformer", None), getattr(pipe, "vae", None)
-    size = getattr(getattr(transformer, "config", None), "sample_size", None)
-    hop = getattr(vae, "hop_length", None)
-    if size is None or hop is None:
-        return None
-    return size * hop / sample_rate(pipe)
 
 
 def _to_pil_list(items: Any) -> list:

@@ -22,9 +22,25 @@ class GenerationParams:
     height: int | None = None
     num_images: int = 1  # image
     num_frames: int | None = None  # video; None: the pipeline's default
-    fps: int = 8
+    fps: int | None = None  # video; None: the pipeline's own frame rate, else 8
     video_format: str = "mp4"  # "mp4" | "gif"
     duration_s: float | None = None  # music; None: the pipeline's default (its longest clip)
+    lyrics: str | None = None  # music pipelines that sing them (ACE-Step)
+    # Image-to-X input images: a data URL as the request sent it; the checks replace it
+    # with the decoded bytes (see checks.py), which the call builder opens.
+    image: str | bytes | None = field(default=None, repr=False)
+    last_image: str | bytes | None = field(default=None, repr=False)
+    round_to_valid: bool = False  # round a size or frame count the pipeline cannot make
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """A request value Edison changed, on request (``round_to_valid``), to one the
+    pipeline makes exactly."""
+
+    field: str
+    asked: float
+    used: float
 
 
 @dataclass

@@ -8,23 +8,39 @@ TextToVideoSD/CogVideoX or StableAudio/AudioLDM/MusicLDM folder works without a 
 
 from __future__ import annotations
 
-import inspect
+import logging
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from services.errors import Cancelled, InsufficientMemory, ModelUnavailable
-from services.generation.outputs import max_audio_s, sample_rate, write_outputs
+from services.generation.calls import call_kwargs
+from services.generation.capabilities import (
+    PipelineCaps,
+    choose_dtype,
+    diffusers_name,
+    read_caps,
+)
+from services.generation.outputs import write_outputs
 from services.generation.params import GenerationParams, RunResult
+from services.generation.placement_ladder import (
+    RUNGS,
+    RungPlan,
+    RungUnsupported,
+    is_device_mismatch,
+    set_vae_savers,
+)
 from services.memory.learning import PipelineModelView
 from services.memory.peak import measure
 from services.memory.placement import flush_gpu_memory
 from services.settings import KINDS
+
+log = logging.getLogger("edison.generation")
 
 OOM_MESSAGES = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA error: out of memory")
 
@@ -40,7 +56,7 @@ class PipelineInfo:
     device: str
     dtype: str | None  # torch dtype of the loaded weights
     class_name: str | None
-    savers: bool | None  # False: all on the device; True: offload/slicing on; None: unknown
+    placement: str | None  # the rung it is loaded at (placement_ladder.py); None: not loaded
     weights_mb: float | None  # parameters and buffers of the loaded components, measured
     persisted_mb: float | None  # what runs left allocated since the load, measured
     loads: int  # loads since start
@@ -49,12 +65,17 @@ class PipelineInfo:
     sample_rate: int | None = None  # music
     max_duration_s: float | None = None  # music: the pipeline's longest clip
     memory_model: PipelineModelView | None = None  # the learned need (set by the registry)
+    dtype_reason: str | None = None  # why that dtype (generation.<kind>.dtype)
+    caps: PipelineCaps | None = None  # what the folder can do (read before the first load)
+    placement_detail: str | None = None  # the rung as applied: what it keeps resident
+    offloaded_mb: float | None = None  # weights an offload rung keeps in host RAM
+    unsupported_rungs: dict[str, str] = field(default_factory=dict)  # set by the registry
 
 
 class PipelineOOM(InsufficientMemory):
     """The accelerator ran out of memory during a load or run.
 
-    The caller can free other models and retry with ``savers=True``. It subclasses
+    The caller can free other models and retry at the next rung. It subclasses
     InsufficientMemory so that, if it ever escapes, the client gets the out-of-VRAM answer.
     """
 
@@ -83,7 +104,16 @@ class PipelineHost:
     wait, so a status page can read them while a run is in progress.
     """
 
-    def __init__(self, kind: str, folder: Path | None, device: str, outputs_dir: Path) -> None:
+    def __init__(
+        self,
+        kind: str,
+        folder: Path | None,
+        device: str,
+        outputs_dir: Path,
+        *,
+        dtype: str = "auto",
+        caps: PipelineCaps | None = None,
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {KINDS}")
         self.kind = kind
@@ -98,9 +128,13 @@ class PipelineHost:
         self.persisted_mb = 0.0  # what runs left allocated since the load (first-call init)
         self.weights_mb: float | None = None
         self.dtype: str | None = None
+        self.dtype_setting = dtype  # generation.<kind>.dtype
+        self.dtype_reason: str | None = None
+        self.caps = caps
         self._pipe: Any = None
-        # False: everything on the device; True: offload/slicing on; None: unknown (after an OOM).
-        self._savers: bool | None = False
+        self.plan: RungPlan | None = None  # the placement it is (or was last) loaded at
+        self.offloaded_mb: float | None = None  # weights an offload rung keeps in host RAM
+        self._reload = False  # an OOM left an offload rung's hooks half way: load again
         # Why: load, run and unload all mutate self._pipe. Without the lock an unload from the
         # idle reaper could free the weights under a running denoising loop, or two loads could
         # race and hold the pipeline twice in VRAM.
@@ -114,8 +148,8 @@ class PipelineHost:
 
     def describe(self, *, running: bool = False) -> PipelineInfo:
         """A snapshot for status pages; never waits for a run."""
-        pipe = self._pipe
-        music = pipe is not None and self.kind == "music"
+        pipe, caps = self._pipe, self.caps
+        music = caps is not None and self.kind == "music"
         return PipelineInfo(
             kind=self.kind,
             folder=str(self.folder) if self.folder is not None else None,
@@ -124,14 +158,18 @@ class PipelineHost:
             device=self.device,
             dtype=self.dtype if pipe is not None else None,
             class_name=type(pipe).__name__ if pipe is not None else None,
-            savers=self._savers if pipe is not None else None,
+            placement=self.plan.rung if pipe is not None and self.plan else None,
             weights_mb=self.weights_mb if pipe is not None else None,
             persisted_mb=round(self.persisted_mb, 2) if pipe is not None else None,
             loads=self.loads,
             last_used_at=self.last_used_at,
             load_error=self.load_error,
-            sample_rate=sample_rate(pipe) if music else None,
-            max_duration_s=max_audio_s(pipe) if music else None,
+            sample_rate=caps.sample_rate if music else None,
+            max_duration_s=caps.max_duration_s if music else None,
+            dtype_reason=self.dtype_reason if pipe is not None else None,
+            caps=caps,
+            placement_detail=self.plan.describe() if pipe is not None and self.plan else None,
+            offloaded_mb=self.offloaded_mb if pipe is not None else None,
         )
 
     @property
@@ -139,48 +177,67 @@ class PipelineHost:
         """What the loaded pipeline holds on its device: weights plus what runs left."""
         return None if self.weights_mb is None else self.weights_mb + self.persisted_mb
 
-    def longest_clip_s(self) -> float | None:
-        """The loaded music pipeline's longest clip; None when unknown or unlimited."""
-        pipe = self._pipe
-        return max_audio_s(pipe) if pipe is not None and self.kind == "music" else None
-
     # -- load / unload -----------------------------------------------------------------
 
-    def load(self) -> float:
-        """Load the pipeline onto the device; return the milliseconds it took (0 if loaded)."""
+    def load(self, plan: RungPlan | None = None) -> float:
+        """Load the pipeline at ``plan`` (default: the last one, else full residency), or
+        move the loaded one there; return the milliseconds it took (0 if nothing moved)."""
         with self._lock:
-            return self._load_locked()
+            return self._place(plan)
 
     def unload(self) -> None:
         """Drop the pipeline and hand its memory back (waits for a run in progress)."""
         with self._lock:
             self._unload_locked()
 
-    def _load_locked(self) -> float:
+    def _load_locked(self, plan: RungPlan | None = None) -> float:
         if self._pipe is not None:
             return 0.0
+        plan = plan or self.plan or RungPlan("full")
         folder = self.folder
         if folder is None:
             self._fail("no pipeline folder is configured")
-        if not (folder / "model_index.json").is_file():
-            self._fail(f"no diffusers pipeline at {folder} (model_index.json missing)")
         t_import, fresh = time.perf_counter(), "diffusers" not in sys.modules
         import torch
-        from diffusers import DiffusionPipeline
+
+        DiffusionPipeline = diffusers_name("DiffusionPipeline")  # noqa: N806
 
         self.import_ms = (time.perf_counter() - t_import) * 1000 if fresh else 0.0
+        if self.caps is None:
+            try:
+                self.caps = read_caps(self.kind, folder)
+            except ModelUnavailable as exc:
+                self._fail(exc.message)
         start = time.perf_counter()
-        dtype = getattr(torch, load_dtype(self.device))
-        oom = None
+        dtype_name, self.dtype_reason = choose_dtype(self.dtype_setting, self.caps, self.device)
+        log.info(
+            "Pipeline %s (%s) loads in %s on %s: %s",
+            self.kind,
+            self.caps.class_name,
+            dtype_name,
+            self.device,
+            self.dtype_reason,
+        )
+        dtype = getattr(torch, dtype_name)
+        oom = unsupported = None
         try:
             pipe = DiffusionPipeline.from_pretrained(folder, **{_dtype_kwarg(): dtype})
-            pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
+            total_mb = _weights_mb(pipe)
+            # Still on the CPU: the rung's hooks go on before any weight moves, so a
+            # pipeline larger than the card loads (the rung moves only what it keeps).
+            self._apply_rung(pipe, plan)
+        except RungUnsupported as exc:
+            unsupported, pipe = (exc.rung, exc.reason), None
         except Exception as exc:
             if not is_cuda_oom(exc):
                 self._fail(f"{type(exc).__name__}: {exc}")
             oom = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             pipe = None
+        if unsupported is not None:
+            # Outside the except block, once the pipeline (hooked half way) is gone.
+            flush_gpu_memory()
+            raise RungUnsupported(*unsupported, kind=self.kind)
         if oom is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
             flush_gpu_memory()
@@ -190,12 +247,12 @@ class PipelineHost:
                 device=self.device,
             )
         self._pipe = pipe
-        self._savers = False
+        self.plan, self._reload = plan, False
         self.load_error = None
         self.last_used_at = time.time()
         self.loads += 1
         self.runs_since_load = 0
-        self.weights_mb = _weights_mb(pipe)
+        self.weights_mb, self.offloaded_mb = _held_mb(pipe, self.device, total_mb)
         self.persisted_mb = 0.0
         self.dtype = str(dtype).removeprefix("torch.")
         return (time.perf_counter() - start) * 1000
@@ -206,30 +263,38 @@ class PipelineHost:
 
     def _unload_locked(self) -> None:
         pipe, self._pipe = self._pipe, None
-        self._savers = False
         if pipe is not None and hasattr(pipe, "remove_all_hooks"):
             pipe.remove_all_hooks()
         del pipe
         flush_gpu_memory()
 
-    def _apply_savers(self, savers: bool) -> None:
-        """Switch between full speed (everything on the device) and the memory savers."""
-        if savers == self._savers:
-            return
-        pipe, on_cuda = self._pipe, self.device.startswith("cuda")
-        vae = getattr(pipe, "vae", None)
-        if savers:
-            if on_cuda:
-                pipe.enable_model_cpu_offload(device=self.device)
-            for name in ("slicing", "tiling"):
-                _try_call(pipe, f"enable_vae_{name}") or _try_call(vae, f"enable_{name}")
-        else:
-            if on_cuda:
-                pipe.remove_all_hooks()
-                pipe.to(self.device)
-            for name in ("slicing", "tiling"):
-                _try_call(pipe, f"disable_vae_{name}") or _try_call(vae, f"disable_{name}")
-        self._savers = savers
+    def _apply_rung(self, pipe: Any, plan: RungPlan) -> None:
+        """Put ``pipe`` (on the CPU) at ``plan``; RungUnsupported when its model cannot."""
+        rung = RUNGS[plan.rung]
+        why = rung.unsupported(pipe)
+        if why is None:
+            try:
+                rung.apply(pipe, self.device, plan)
+                return
+            except (ValueError, NotImplementedError) as exc:  # diffusers refusing a hook
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise RungUnsupported(plan.rung, why, kind=self.kind)
+
+    def _place(self, plan: RungPlan | None) -> float:
+        """Load at ``plan``, or move the loaded pipeline there: VAE tiling toggles in place;
+        any other change loads again from the folder (each rung's hooks hold the weights
+        their own way, and a rung below full never had them all on the device)."""
+        current = self.plan
+        target = plan or current or RungPlan("full")
+        if self._pipe is None or (target == current and not self._reload):
+            return self._load_locked(plan)
+        light = ("full", "vae_tiling")
+        if current is not None and {target.rung, current.rung} <= set(light) and not self._reload:
+            set_vae_savers(self._pipe, target.rung == "vae_tiling")
+            self.plan = target
+            return 0.0
+        self._unload_locked()
+        return self._load_locked(target)
 
     # -- run -----------------------------------------------------------------------------
 
@@ -239,7 +304,7 @@ class PipelineHost:
         *,
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
-        savers: bool = False,
+        plan: RungPlan | None = None,
         write: bool = True,
     ) -> RunResult:
         """Generate, write the files under ``outputs_dir``, and say what was written."""
@@ -247,38 +312,46 @@ class PipelineHost:
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"{self.kind} generation cancelled before it started")
             self.import_ms = 0.0
-            load_ms = self._load_locked()
+            load_ms = self._place(plan)
             first_run = self.runs_since_load == 0
             pipe = self._pipe
             seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
-            kwargs = self._call_kwargs(pipe, params, seed, on_step, should_cancel)
+            kwargs = call_kwargs(
+                self.caps, params, seed, on_step=on_step, should_cancel=should_cancel
+            )
             start = time.perf_counter()
-            oom = None
+            rung = self.plan.rung if self.plan is not None else "full"
+            oom = mismatch = None
             try:
-                # Inside the try: moving weights back onto the card can run out of memory too.
-                self._apply_savers(savers)
                 with measure(self.device) as meter:
                     out = pipe(**kwargs)
             except Exception as exc:
-                if not is_cuda_oom(exc):
+                first = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                if rung != "full" and is_device_mismatch(exc):
+                    mismatch = first
+                elif is_cuda_oom(exc):
+                    oom = first
+                else:
                     raise
-                oom = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             finally:
                 self.last_used_at = time.time()
+            if mismatch is not None:  # a forward that does not follow the rung's hooks
+                self._unload_locked()
+                raise RungUnsupported(rung, mismatch, kind=self.kind)
             if oom is not None:
                 # Outside the except block: the traceback's frames hold the activations that
-                # filled the card, and they must be gone before the caller retries. Where the
-                # weights sit is unknown now, so the next run re-applies its placement in full.
-                self._savers = None
+                # filled the card, and they must be gone before the caller retries. An
+                # offload rung's hooks may have stopped half way: the next run loads again.
+                self._reload = rung not in ("full", "vae_tiling")
                 flush_gpu_memory()
                 raise PipelineOOM(
-                    f"out of memory running the {self.kind} pipeline: {oom}",
+                    f"out of memory running the {self.kind} pipeline at {rung}: {oom}",
                     kind=self.kind,
                     device=self.device,
-                    savers=savers,
+                    rung=rung,
                 )
             run_ms = (time.perf_counter() - start) * 1000
-            outputs = write_outputs(self.kind, self.outputs_dir, pipe, out, params) if write else []
+            outputs = write_outputs(self.caps, self.outputs_dir, pipe, out, params) if write else []
             peak = meter.reading
             if peak is not None and peak.sane:
                 self.persisted_mb += peak.persisted_mb
@@ -288,74 +361,11 @@ class PipelineHost:
                 seed,
                 load_ms,
                 run_ms,
-                used_savers=savers,
+                used_savers=rung != "full",
                 peak=peak,
                 import_ms=self.import_ms,
                 first_run=first_run,
             )
-
-    def _call_kwargs(
-        self,
-        pipe: Any,
-        params: GenerationParams,
-        seed: int,
-        on_step: Callable[[int, int], None] | None,
-        should_cancel: Callable[[], bool] | None,
-    ) -> dict:
-        import torch
-
-        accepted = inspect.signature(pipe.__call__).parameters
-        # Why a CPU generator: the same seed gives the same noise on any device, with or
-        # without CPU offload, and diffusers moves the noise to the execution device itself.
-        kwargs: dict[str, Any] = {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "num_inference_steps": params.steps,
-            "guidance_scale": params.guidance_scale,
-            "generator": torch.Generator(device="cpu").manual_seed(seed),
-        }
-        if self.kind in ("image", "video"):
-            kwargs.update(width=params.width, height=params.height, output_type="pil")
-        if self.kind == "image":
-            kwargs["num_images_per_prompt"] = params.num_images
-        elif self.kind == "video":
-            kwargs["num_frames"] = params.num_frames
-        elif self.kind == "music":
-            kwargs["num_waveforms_per_prompt"] = 1
-            if "audio_end_in_s" in accepted:  # StableAudio
-                kwargs.update(audio_start_in_s=0.0, audio_end_in_s=params.duration_s)
-            else:  # AudioLDM, MusicLDM
-                kwargs["audio_length_in_s"] = params.duration_s
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k in accepted}
-
-        total = params.steps
-        calls = 0
-
-        def step_done() -> None:
-            nonlocal calls
-            calls += 1
-            if on_step is not None:
-                on_step(min(calls, total), total)
-            if should_cancel is not None and should_cancel():
-                raise Cancelled(f"{self.kind} generation cancelled after step {calls}")
-
-        if "callback_on_step_end" in accepted:
-
-            def on_step_end(_pipe: Any, _i: int, _t: Any, tensors: dict) -> dict:
-                step_done()
-                return tensors
-
-            kwargs["callback_on_step_end"] = on_step_end
-        elif "callback" in accepted:  # StableAudio, AudioLDM, MusicLDM: the older hook
-            kwargs["callback"] = lambda _i, _t, _latents: step_done()
-            if "callback_steps" in accepted:
-                kwargs["callback_steps"] = 1
-        return kwargs
-
-
-def load_dtype(device: str) -> str:
-    """The dtype a pipeline is loaded in on ``device``: float16 on CUDA, float32 on the CPU."""
-    return "float16" if device.startswith("cuda") else "float32"
 
 
 def _weights_mb(pipe: Any) -> float:
@@ -371,21 +381,30 @@ def _weights_mb(pipe: Any) -> float:
     return round(total / (1024 * 1024), 2)
 
 
+def _held_mb(pipe: Any, device: str, total_mb: float) -> tuple[float, float]:
+    """(on the device, in host RAM) of the loaded pipeline's weights, in MB: a tensor counts
+    where it sits now (an offload rung's copies sit on the CPU between runs). On the CPU
+    everything is on the device; what an offload rung keeps off the device entirely (leaf
+    offload may leave nothing there) is the rest of ``total_mb``."""
+    import torch
+
+    kind = torch.device(device).type
+    on, total = 0, 0
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module):
+            for t in (*component.parameters(), *component.buffers()):
+                size = t.numel() * t.element_size()
+                total += size
+                on += size if t.device.type == kind else 0
+    mb = 1024 * 1024
+    if kind == "cpu":
+        return round(total / mb, 2), 0.0
+    return round(on / mb, 2), round(max(0.0, total_mb - on / mb), 2)
+
+
 def _dtype_kwarg() -> str:
     """diffusers 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns)."""
     import diffusers
 
     major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (0, 42) else "torch_dtype"
-
-
-def _try_call(obj: Any, method: str) -> bool:
-    """Call ``obj.method()`` when it exists; True when it ran."""
-    fn = getattr(obj, method, None)
-    if fn is None:
-        return False
-    try:
-        fn()
-    except (NotImplementedError, ValueError, AttributeError):
-        return False
-    return True

@@ -40,6 +40,8 @@ class ImageLimits:
     max_bytes: int
     max_pixels: int
     allow_remote: bool
+    formats: tuple[str, ...] = FORMATS
+    settings: str = "models.vision"  # where the limits are configured, named in refusals
 
     @classmethod
     def from_settings(cls, vision: VisionTierSettings | None) -> ImageLimits:
@@ -98,7 +100,7 @@ def decode_data_url(url: str, field: str, limits: ImageLimits) -> bytes:
         raise InvalidRequest(
             field,
             f"the image is about {_mb(len(payload) * 3 // 4)}; "
-            f"at most {_mb(limits.max_bytes)} (models.vision.max_image_mb)",
+            f"at most {_mb(limits.max_bytes)} ({limits.settings}.max_image_mb)",
         )
     try:
         data = base64.b64decode(payload.encode("ascii"), validate=True)
@@ -108,31 +110,31 @@ def decode_data_url(url: str, field: str, limits: ImageLimits) -> bytes:
         raise InvalidRequest(
             field,
             f"the image is {_mb(len(data))}; at most {_mb(limits.max_bytes)} "
-            "(models.vision.max_image_mb)",
+            f"({limits.settings}.max_image_mb)",
         )
     return data
 
 
 def inspect_image(data: bytes, field: str, limits: ImageLimits) -> tuple[str, int, int]:
-    """(format, width, height) of a PNG or JPEG from its header; InvalidRequest for
-    anything else, a damaged header, or more than ``max_pixels``."""
+    """(format, width, height) of an image in one of ``limits.formats`` from its header;
+    InvalidRequest for anything else, a damaged header, or more than ``max_pixels``."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise InvalidRequest(field, "the image is empty")
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+        with Image.open(io.BytesIO(data), formats=limits.formats) as img:
             fmt, (w, h) = img.format, img.size
             img.verify()
     except UnidentifiedImageError as exc:
-        raise InvalidRequest(field, "is not a PNG or JPEG image") from exc
+        raise InvalidRequest(field, f"is not a {' or '.join(limits.formats)} image") from exc
     except Exception as exc:  # Pillow raises many kinds for a damaged file
         raise InvalidRequest(field, f"the image is damaged ({type(exc).__name__})") from exc
     if w * h > limits.max_pixels:
         raise InvalidRequest(
             field,
             f"the image is {w}x{h} pixels; at most {limits.max_pixels} "
-            "(models.vision.max_image_pixels)",
+            f"({limits.settings}.max_image_pixels)",
         )
     return str(fmt), w, h
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
-from tests.helpers import cuda_oom_first, until, wait_ready, wait_until
+from tests.helpers import cuda_oom_first, deep_merge, until, wait_ready, wait_until
 
 
 @pytest.fixture
@@ -34,9 +34,7 @@ def gen_settings(make_settings, tiny_pipelines, tiny_dir):
             },
             "queue": {"max_waiting": 16, "max_wait_s": 120},
         }
-        for key, value in extra.items():
-            sections[key] = {**sections.get(key, {}), **value}
-        return make_settings(**sections)
+        return make_settings(**deep_merge(sections, extra))
 
     return build
 
@@ -79,7 +77,7 @@ def test_image_png_at_the_asked_size(gen_settings, live_server) -> None:
     [image] = [p for p in memory["pipelines"] if p["kind"] == "image"]
     host = server.app.state.pipelines.host_of("image")
     assert image["kind"] == "image" and image["loaded"] is True and image["running"] is False
-    assert image["device"] == "cpu" and image["dtype"] == "float32" and image["savers"] is False
+    assert image["device"] == "cpu" and image["dtype"] == "float32" and image["placement"] == "full"
     assert image["weights_mb"] == host.weights_mb > 0 and image["loads"] == 1
     assert image["class_name"] == "StableDiffusionPipeline"
     assert memory["gate"]["last_decisions"][-1]["reason"].startswith("image: a red cat")
@@ -347,7 +345,7 @@ def test_oom_once_is_retried_with_savers_and_fast_comes_back(
         assert r.status_code == 200, r.text
         assert calls["n"] == 2
         host = client.app.state.pipelines.host_of("image")
-        assert host.describe().savers is True
+        assert host.describe().placement == "vae_tiling"  # the CPU ladder's next rung
         m = wait_until(
             lambda: (m := models.tiers["fast"].model) is not None and m.pid != first_pid and m,
             what="fast back in a new worker",
