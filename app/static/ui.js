@@ -170,7 +170,8 @@ function renderJobs() {
       el("td", {}, el("progress", { max: j.progress.total || 1, value: j.progress.done }),
         ` ${j.progress.done}/${j.progress.total}`),
       el("td", { class: "eta" }, done ? secs((j.timings_ms.total || 0) / 1000) : j.eta_s === null ? "–" : `~${secs(j.eta_s)}`),
-      el("td", {}, j.gate ? `${mb(j.gate.required_mb)} (${j.gate.need_source})` : "–"),
+      el("td", { title: j.gate ? j.gate.rung_because || null : null },
+        j.gate ? `${mb(j.gate.required_mb)} (${j.gate.need_source})${j.gate.rung ? ` · ${j.gate.rung}` : ""}` : "–"),
       el("td", {}, done ? null : el("button", { dataset: { action: "cancel", job: j.job_id } }, "Cancel")));
   });
   $("#jobs tbody").replaceChildren(...rows);
@@ -181,7 +182,9 @@ function renderDecisions() {
   const rows = state.decisions.slice(0, 10).map((d) => el("tr", {},
     el("td", {}, clock(d.at)), el("td", {}, d.reason),
     el("td", { class: d.ok ? "good" : "bad" }, d.ok ? "yes" : "no"),
-    el("td", {}, `${mb(d.required_mb)} (${d.need_source}${d.need_detail ? `: ${d.need_detail}` : ""})`),
+    el("td", { title: d.rung_because || null },
+      `${mb(d.required_mb)} (${d.need_source}${d.need_detail ? `: ${d.need_detail}` : ""})`,
+      d.rung ? el("div", { class: "muted" }, `rung ${d.rung}`) : null),
     el("td", {}, mb(d.usable_mb)), el("td", {}, d.actions.join("; ")),
     el("td", {}, mb(d.freed_mb)), el("td", {}, secs(d.waited_ms / 1000))));
   $("#decisions tbody").replaceChildren(...rows);
@@ -197,8 +200,10 @@ function renderPipelines() {
       el("td", {}, el("b", {}, p.kind)),
       el("td", {}, p.running ? "running" : p.loaded ? "loaded" : "unloaded",
         p.load_error ? el("div", { class: "bad" }, p.load_error) : null),
-      el("td", {}, `${p.device}${p.dtype ? ` / ${p.dtype}` : ""}${p.savers ? " · savers on" : ""}`),
-      el("td", {}, p.loaded ? `${mb(p.weights_mb)} weights + ${mb(p.persisted_mb)}` : "–"),
+      el("td", {}, `${p.device}${p.dtype ? ` / ${p.dtype}` : ""}`,
+        p.placement ? el("div", { class: "muted" }, p.placement_detail || p.placement) : null),
+      el("td", {}, p.loaded ? `${mb(p.weights_mb)} weights + ${mb(p.persisted_mb)}` : "–",
+        p.offloaded_mb ? el("div", { class: "muted" }, `${mb(p.offloaded_mb)} offloaded to RAM`) : null),
       el("td", {}, learned),
       el("td", {}, m && m.last_measured_mb !== null ? `${mb(m.last_predicted_mb)} / ${mb(m.last_measured_mb)}` : "–"));
   });

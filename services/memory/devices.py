@@ -111,6 +111,7 @@ class UnloadCost:
     fast: bool = False  # the fast tier is among them
     models: int = 0
     mb: float = 0.0
+    reload_s: float = 0.0  # what loading them again took (their measured load times)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ at a time on each device.
         ...run the pipeline...
 
 is placed on a device (``Placement.place_task``), waits its turn in that device's bounded
-FIFO line (``gate_queue.py``), asks placement for the task's need once, holds
+FIFO line (``gate_queue.py``; a job takes its place there when it is submitted,
+``take_place``, so a full line refuses it at once), asks placement for the task's need
+once, holds
 a reservation in the memory ledger for the task's whole life (so no model load can take
 that memory meanwhile), makes room (``pre_heavy_task``: free memory on the task's device
 -> unload idle pipelines -> unload the heavy slot -> unload all models -> wait for the
 driver -> final check) and on every exit path releases the reservation and, in the
-background, runs ``post_heavy_task`` (caches flushed, fast model back). Without a GPU the
+background, runs ``post_heavy_task`` (caches flushed, the light tiers it unloaded back).
+Without a GPU the
 same rules run on RAM. The figures come from ``placement.py``; this module acts on them.
 """
 
@@ -21,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -29,7 +32,7 @@ import anyio
 from services.errors import InsufficientMemory
 from services.events import EventBus
 from services.memory.devices import UnloadCost
-from services.memory.gate_queue import Lane, Lanes
+from services.memory.gate_queue import Lane, Lanes, Place
 from services.memory.gate_records import (
     GateDecision,
     GateState,
@@ -37,6 +40,7 @@ from services.memory.gate_records import (
     LaneState,
     QueueEntry,
 )
+from services.memory.gate_rungs import Ladder, RungRoom
 from services.memory.ledger import Reservation
 from services.memory.placement import (
     DeviceView,
@@ -55,12 +59,13 @@ __all__ = [
     "HeavyTask",
     "LaneState",
     "MemoryGate",
+    "Place",
     "QueueEntry",
     "ceiling_mb",
 ]
 
 if TYPE_CHECKING:
-    from services.llm.manager import ModelManager
+    from services.llm.records import UnloadResult
 
 log = logging.getLogger("edison.gate")
 
@@ -73,14 +78,30 @@ class IdlePipelines(Protocol):
     def loaded_on(self, kind: str, device: str) -> bool: ...
 
 
-class MemoryGate:
+class GateModels(Protocol):
+    """What the gate needs of the model manager: what unloading the LLM workers on a
+    device would cost, unloading them (the heavy slot first), and bringing back the
+    tiers it unloaded that stay resident (which ones is the manager's call)."""
+
+    def heavy_slots(self) -> dict[str, str]: ...
+
+    def unload_cost(self, device: str) -> UnloadCost: ...
+
+    async def unload_heavy_slot(self, reason: str, device: str | None = None) -> UnloadResult: ...
+
+    async def unload_all(self, reason: str, device: str | None = None) -> UnloadResult: ...
+
+    def restore_soon(self, tiers: Iterable[str]) -> None: ...
+
+
+class MemoryGate(RungRoom):
     """One per app: the only way a heavy task gets the GPU."""
 
     def __init__(
         self,
         settings: Settings,
         placement: Placement,
-        models: ModelManager,
+        models: GateModels,
         *,
         pipelines: IdlePipelines | None = None,
         events: EventBus | None = None,
@@ -102,7 +123,7 @@ class MemoryGate:
         self.decisions: deque[GateDecision] = deque(maxlen=20)
         self.outcomes: dict[str, int] = {}
         self._mean_task_s = 10.0
-        self._unloaded_fast = False
+        self._unloaded: set[str] = set()  # tiers the gate unloaded, to restore after tasks
         self._collect_next = False
         self._background: set[asyncio.Task[None]] = set()
         # Seconds until the running and waiting tasks are done (set by the job service).
@@ -182,12 +203,7 @@ class MemoryGate:
 
     def _cost_on(self, device: str) -> UnloadCost:
         """What making room on ``device`` could unload: the LLM workers holding memory there."""
-        held = [
-            (m.key, sum(r.mb for r in m.reservations if r.device == device))
-            for m in self.models.models_on(device)
-        ]
-        held = [(key, mb) for key, mb in held if mb > 0]
-        return UnloadCost(any(k == "fast" for k, _ in held), len(held), sum(mb for _, mb in held))
+        return self.models.unload_cost(device)
 
     # ---- the gate itself -----------------------------------------------------------
     async def pre_heavy_task(
@@ -254,10 +270,10 @@ class MemoryGate:
                 out = await self.models.unload_heavy_slot(reason=f"gate: {reason}", device=device)
                 settling = settling or out.settling
                 ok = await enough_after(f"unloaded heavy slot: {', '.join(out.unloaded)}")
-            if not ok and self.models.models_on(device):
+            if not ok and self.models.unload_cost(device).models:
                 out = await self.models.unload_all(reason=f"gate: {reason}", device=device)
                 settling = settling or out.settling
-                self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
+                self._unloaded.update(out.unloaded)
                 ok = await enough_after(f"unloaded all models: {', '.join(out.unloaded)}")
         if not ok and settling:
             # The driver's figure lags behind freed memory (Ollama: 0.5-1.5 s) when an
@@ -293,16 +309,16 @@ class MemoryGate:
             self.events.publish("gate.decision", d)
 
     async def post_heavy_task(self) -> None:
-        """Flush caches, and bring the fast model back in the background if the gate
-        unloaded it. heavy_task runs this after releasing the gate, in the background:
-        the response never waits for it."""
+        """Flush caches, and hand the tiers the gate unloaded back to the model manager,
+        which reloads in the background those that stay resident. heavy_task runs this
+        after releasing the gate, in the background: the response never waits for it."""
         collect, self._collect_next = self._collect_next, False
         await anyio.to_thread.run_sync(flush_gpu_memory, collect)
-        # Only when no task took over: the next task's reservation would push the fast
-        # model onto a CPU rung; the last task of a queue brings it back.
-        if self._unloaded_fast and not self.lanes.busy:
-            self._unloaded_fast = False
-            self.models.ensure_loaded_soon("fast")
+        # Only when no task took over: the next task's reservation would push a reloaded
+        # model onto a CPU rung; the last task of a queue brings them back.
+        if self._unloaded and not self.lanes.busy:
+            tiers, self._unloaded = sorted(self._unloaded), set()
+            self.models.restore_soon(tiers)
 
     async def recover_from_oom(
         self, kind: str, reason: str, *, device: str | None = None
@@ -316,7 +332,7 @@ class MemoryGate:
                 actions.append(f"unloaded pipelines: {', '.join(freed)}")
         out = await self.models.unload_all(reason=f"OOM in {reason}", device=device)
         if out.unloaded:
-            self._unloaded_fast = self._unloaded_fast or "fast" in out.unloaded
+            self._unloaded.update(out.unloaded)
             actions.append(f"unloaded all models: {', '.join(out.unloaded)}")
         await anyio.to_thread.run_sync(flush_gpu_memory)
         self._collect_next = True  # the retry leaves garbage from the failed run too
@@ -324,6 +340,26 @@ class MemoryGate:
             "Memory gate: OOM during %r; %s", reason, "; ".join(actions) or "nothing to unload"
         )
         return actions
+
+    async def take_place(
+        self,
+        need_of: Callable[[str], TaskNeed],
+        reason: str,
+        *,
+        kind: str | None = None,
+        ticket: str | None = None,
+    ) -> Place:
+        """Place a task on a device and take its place in that device's line now; raises
+        QueueFull (503 with Retry-After) when the line is full. ``heavy_task(place=...)``
+        then waits for the turn; a task that will not run calls ``place.abandon()``."""
+        # Why a lock: placement probes in a thread; without it a later task could join a
+        # line before an earlier one whose probe was slower. asyncio.Lock wakes in FIFO
+        # order, so tasks join their lines in the order they arrived.
+        async with self._placing:
+            placed = await self._place(kind, need_of)
+            lane = self.lane(placed.device)
+            turn = lane.join(reason, kind, ticket)
+        return Place(placed.device, placed.because, placed.snapshot, lane, turn)
 
     @contextlib.asynccontextmanager
     async def heavy_task(
@@ -335,26 +371,28 @@ class MemoryGate:
         kind: str | None = None,
         need_on: Callable[[str], TaskNeed] | None = None,
         ticket: str | None = None,
+        place: Place | None = None,
+        ladder_on: Callable[[str], Ladder] | None = None,
     ) -> AsyncIterator[HeavyTask]:
         """Hold the gate for one heavy task; raises QueueFull, QueueTimeout or
         InsufficientMemory (all 503 with Retry-After) when it cannot run.
 
         ``need_on(device)`` predicts the task's need on the device it will run on (a
-        request-sized prediction); without it the given figures stand."""
+        request-sized prediction); without it the given figures stand. ``place``: the
+        place ``take_place`` took for it (else one is taken here). ``ladder_on(device)``:
+        the request's placement rungs there; the gate then chooses the rung
+        (``gate_rungs.py``) and the task carries the chosen option as ``rung``."""
 
         def need_of(device: str) -> TaskNeed:
             if need_on is not None:
                 return need_on(device)
             return task_need(device, required_vram_mb, required_ram_mb)
 
-        # Why a lock: placement probes in a thread; without it a later task could join a
-        # line before an earlier one whose probe was slower. asyncio.Lock wakes in FIFO
-        # order, so tasks join their lines in the order they arrived.
-        async with self._placing:
-            placed = await self._place(kind, need_of)
-            device, because, snap = placed.device, placed.because, placed.snapshot
-            lane = self.lane(device)
-            turn = lane.join(reason, kind, ticket)
+        if place is None:
+            place = await self.take_place(need_of, reason, kind=kind, ticket=ticket)
+        place.take()
+        device, because, snap, lane = place.device, place.because, place.snapshot, place.lane
+        turn = place.turn
         waited = await lane.wait(turn) if turn is not None else None
         queued_ms = waited or 0.0
         res: Reservation | None = None
@@ -370,9 +408,19 @@ class MemoryGate:
                 log.info("Heavy task %r placed on %s because %s", reason, device, because)
             # Reserved before making room, so no model load can take the room we make.
             res = self.ledger.reserve(need.device, need.mb, f"task:{reason}", "task")
-            decision = await self._make_room(
-                need, reason, view, own=res, keep_pipeline=kind, because=because
-            )
+            chosen = None
+            if ladder_on is not None:
+                decision, chosen = await self._make_room_on_ladder(
+                    ladder_on(device), reason, view, own=res, keep_pipeline=kind, because=because
+                )
+                self._record(decision)
+                need = TaskNeed(
+                    device, decision.required_mb, decision.need_source, decision.need_detail
+                )
+            else:
+                decision = await self._make_room(
+                    need, reason, view, own=res, keep_pipeline=kind, because=because
+                )
             if not decision.ok:
                 raise InsufficientMemory(
                     f"Not enough {need.memory} for {reason}: {need.mb:.0f} MB required "
@@ -386,7 +434,14 @@ class MemoryGate:
                     device=need.device,
                 )
             task = HeavyTask(
-                reason, kind, need.device, need.mb, queued_ms, decision, reservation=res
+                reason,
+                kind,
+                need.device,
+                need.mb,
+                queued_ms,
+                decision,
+                reservation=res,
+                rung=chosen,
             )
             lane.current = task
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.memory.ledger import DeviceBudget, Reservation
 
@@ -27,6 +28,8 @@ class GateDecision:
     ceiling_mb: float  # the most that unloading everything Edison holds could make usable
     at: float = field(default_factory=time.time)
     placed_because: str = "the only device"  # why the task went to this device
+    rung: str | None = None  # the placement rung chosen (generation requests with a ladder)
+    rung_because: str = ""  # why that rung: its need against usable, the faster ones' needs
 
     def log_line(self) -> str:
         """The decision as the log says it: every figure it was taken on."""
@@ -39,6 +42,7 @@ class GateDecision:
             f"driver_free={b.driver_free_mb:.0f}MB held={b.held_mb:.0f}MB "
             f"reserve={b.reserve_mb:.0f}MB actions={'; '.join(self.actions)}; "
             f"placed on {self.device} because {self.placed_because}"
+            + (f"; rung={self.rung} because {self.rung_because}" if self.rung_because else "")
         )
 
 
@@ -54,6 +58,7 @@ class HeavyTask:
     decision: GateDecision
     started_at: float = field(default_factory=time.time)
     reservation: Reservation | None = field(default=None, repr=False)
+    rung: Any = field(default=None, repr=False)  # the ladder option the gate chose, if any
 
     @property
     def running_s(self) -> float:

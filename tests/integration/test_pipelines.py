@@ -20,6 +20,7 @@ from services.demo.tiny_pipelines import MUSIC_MAX_DURATION_S, write_tiny_pipeli
 from services.errors import Cancelled, ModelUnavailable  # noqa: E402
 from services.generation.params import GenerationParams  # noqa: E402
 from services.generation.pipelines import PipelineHost, PipelineOOM  # noqa: E402
+from services.generation.placement_ladder import RungPlan  # noqa: E402
 from tests.helpers import cuda_oom_first  # noqa: E402
 
 HOP = 128  # the tiny music VAE's samples per latent frame
@@ -166,7 +167,7 @@ def test_a_seed_gives_the_same_image_and_no_seed_reports_the_one_chosen(hosts):
     assert np.array_equal(_pixels(chosen.outputs[0].path), _pixels(again.outputs[0].path))
 
 
-def test_oom_is_reported_and_a_retry_with_savers_succeeds(folders, tmp_path, monkeypatch):
+def test_oom_is_reported_and_a_retry_at_vae_tiling_succeeds(folders, tmp_path, monkeypatch):
     host = PipelineHost("image", folders["image"], "cpu", tmp_path)
     host.load()
     # This CPU machine cannot run out of GPU memory: the first pipeline call raises the
@@ -179,14 +180,14 @@ def test_oom_is_reported_and_a_retry_with_savers_succeeds(folders, tmp_path, mon
     assert info.value.details["kind"] == "image"
     assert host.loaded is True  # the caller decides whether to unload
 
-    result = host.run(params, savers=True)
+    result = host.run(params, plan=RungPlan("vae_tiling"))  # the next rung down
     assert result.used_savers is True
     assert calls["n"] == 2 and len(result.outputs) == 1 and result.outputs[0].path.is_file()
-    assert host.describe().savers is True
-    assert host._pipe.vae.use_slicing and host._pipe.vae.use_tiling  # CPU: no offload, VAE savers
+    assert host.describe().placement == "vae_tiling" and host.loads == 1  # toggled in place
+    assert host._pipe.vae.use_slicing and host._pipe.vae.use_tiling
 
-    back = host.run(params)  # savers off again: full speed for the next ordinary run
-    assert back.used_savers is False and host.describe().savers is False
+    back = host.run(params, plan=RungPlan("full"))  # full speed again for an ordinary run
+    assert back.used_savers is False and host.describe().placement == "full"
     assert not host._pipe.vae.use_slicing and not host._pipe.vae.use_tiling
     host.unload()
 

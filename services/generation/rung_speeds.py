@@ -1,0 +1,80 @@
+"""How fast each placement rung runs a pipeline: seconds per step, measured per rung.
+
+Per learned-model key (folder|dtype|device, plus |rung below full residency): the
+seconds per step of measured runs (the call's time over its steps, a first run after a
+load left out: it loads kernels too), fitted against the request's size by least
+squares. A rung's speed is its fitted time relative to full residency's at the same
+size; before both are measured, the rung's prior (``placement_ladder.py``) stands.
+Kept in ``<memory.state_dir>/rung-speeds.json``; a file that cannot be read is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+
+from services.memory.learning import fit_line
+
+log = logging.getLogger("edison.generation")
+
+STATE_FILE = "rung-speeds.json"
+MAX_SAMPLES = 32
+
+
+class RungSpeeds:
+    """One per app (the pipeline registry's). Thread-safe; file writes happen in save()."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.path = Path(state_dir) / STATE_FILE if state_dir is not None else None
+        # Why: runs are recorded from the event loop and the file is written from a thread.
+        self._lock = threading.Lock()
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self._load()
+
+    def record(self, key: str, size: float, step_s: float) -> bool:
+        """Keep one run's seconds per step; False for an impossible figure."""
+        if not (math.isfinite(step_s) and step_s > 0 and math.isfinite(size) and size > 0):
+            return False
+        with self._lock:
+            kept = self.samples.setdefault(key, [])
+            kept.append((size, step_s))
+            del kept[:-MAX_SAMPLES]
+        return True
+
+    def step_s(self, key: str, size: float) -> float | None:
+        """Seconds per step at ``size``, fitted from measured runs; None before any."""
+        with self._lock:
+            points = list(self.samples.get(key, ()))
+        if not points:
+            return None
+        fitted = fit_line(points, 1.0).fitted_mb(size)  # a least-squares line, any unit
+        return fitted if fitted > 0 else sum(s for _, s in points) / len(points)
+
+    def save(self) -> None:
+        """Write the state file atomically. Blocking: call from a thread in async code."""
+        if self.path is None:
+            return
+        with self._lock:
+            data = json.dumps({"version": 1, "step_s": self.samples})
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(data)
+            tmp.replace(self.path)
+        except OSError as exc:
+            log.warning("Could not save rung speeds to %s: %s", self.path, exc)
+
+    def _load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            self.samples = {
+                str(k): [(float(s), float(t)) for s, t in v] for k, v in data["step_s"].items()
+            }
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("Ignoring the rung speeds in %s (unreadable: %s)", self.path, exc)
