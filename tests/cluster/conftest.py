@@ -8,9 +8,11 @@ does Chromium) or its client library is missing.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +36,25 @@ FAST = {  # short heartbeats: the chaos tests wait seconds, not half a minute
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def postgres() -> Iterator[Any]:
     pytest.importorskip("procrastinate", reason="the cluster extra is not installed")
     from services.cluster.localdb import LocalDbUnavailable, LocalPostgres, pg_bin_dir
 
     if pg_bin_dir() is None:
         pytest.skip("PostgreSQL is not installed (make test installs Debian's postgresql)")
-    pg = LocalPostgres(tmp_path_factory.mktemp("pg"), free_port())
+    # Not under pytest's basetemp: every pytest session (another run's too) resets that
+    # folder to mode 0700, and the 'postgres' user must keep reaching its data.
+    root = Path(tempfile.mkdtemp(prefix="edison-pg-"))
+    pg = LocalPostgres(root, free_port())
     try:
         pg.start()
     except LocalDbUnavailable as exc:
+        shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"could not start PostgreSQL: {exc}")
     yield pg
     pg.stop("immediate")
+    pg.wait_stopped()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -167,9 +175,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(
-    postgres: Any, tiny_pipelines: dict[str, Path], tmp_path: Path
-) -> Iterator[Cluster]:
+def cluster(postgres: Any, tiny_pipelines: dict[str, Path], tmp_path: Path) -> Iterator[Cluster]:
     """An empty queue and a fresh folder; the test starts the nodes it needs."""
     postgres.psql(
         "DO $$ BEGIN IF to_regclass('edison_jobs') IS NOT NULL THEN "

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.cluster.conftest import Cluster, Node
 from tests.helpers import wait_until
@@ -64,3 +63,24 @@ def test_a_job_posted_to_a_busy_node_runs_on_the_other(cluster: Cluster) -> None
     info = a.get("/system/cluster").json()
     assert {n["name"] for n in info["nodes"] if n["alive"]} == {"a", "b"}
     assert all(n["devices"] and n["kinds"] == ["image"] for n in info["nodes"])
+
+
+def test_cancel_queued_and_running_from_another_node(cluster: Cluster) -> None:
+    cluster.hold.touch()
+    a = cluster.start("a")
+    front = cluster.start("front", generation={"image": {"pipeline": None}})  # runs nothing
+    running = post(front, "running one")
+    queued = post(front, "queued one")
+    assert wait_status(front, running, "running")["node"] == "a"
+    assert job(a, queued)["status"] == "queued"
+    r = httpx.delete(f"{front.url}/jobs/{queued}", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    r = httpx.delete(f"{front.url}/jobs/{running}", timeout=30)
+    assert r.status_code == 200, r.text
+    gone = wait_status(a, running, "cancelled")  # a stops it at its next step
+    assert gone["node"] == "a" and gone["error"]["code"] == "cancelled"
+    cluster.hold.unlink()
+    # The queued one never started anywhere; the running one never completed.
+    assert [p for p in cluster.starts()] == [cluster.starts()[0]]
+    assert cluster.completions() == []
+    assert job(a, queued)["status"] == "cancelled"
