@@ -18,6 +18,7 @@ from app.errors import error_body
 from app.schemas import ErrorBody, JobView, Ready, job_view
 from routers import health
 from routers import jobs as single_host_jobs
+from services.cluster.chat import ROUTED_HEADER, route_chat
 from services.cluster.jobs import ClusterJob, ClusterJobs
 from services.cluster.node import ClusterNode
 from services.errors import NotFound
@@ -215,3 +216,40 @@ async def ready(request: Request) -> Any:
             headers={"Retry-After": str(max(1, round(node.cfg.heartbeat_s)))},
         )
     return await health.ready(request)
+
+
+async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
+    """The chat's answer from the node that holds its tier (streamed through as it comes),
+    or None to answer here."""
+    node = _node(request)
+    if request.headers.get(ROUTED_HEADER):
+        return None
+    route = route_chat(
+        str(body.get("model", "auto")), request.app.state.models, node.nodes(), node.name
+    )
+    if route is None:
+        return None
+    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+    headers = {ROUTED_HEADER: node.name}
+    if auth := request.headers.get("authorization"):
+        headers["authorization"] = auth
+    upstream = await client.send(
+        client.build_request(
+            "POST", f"{route.url}/v1/chat/completions", json=body, headers=headers
+        ),
+        stream=True,
+    )
+
+    async def close() -> None:
+        await upstream.aclose()
+        await client.aclose()
+
+    keep = {k: v for k, v in upstream.headers.items() if k.lower().startswith("x-edison-")}
+    keep["X-Edison-Node"] = route.node
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type"),
+        headers=keep,
+        background=BackgroundTask(close),
+    )
