@@ -173,7 +173,13 @@ class Worker:
         ):
             log.warning("cluster job %s was taken from this node before it started", run.edison_id)
             return
-        params = GenerationParams(**row.params)
+        try:
+            # This node's own limits first: a refusal there fails the job, it is no memory
+            # question; an InvalidRequest from submit after it is the fit check.
+            params = self.local.prepare(run.kind, GenerationParams(**row.params))
+        except EdisonError as exc:
+            await self._finish(run, worker_id, "failed", None, _error(exc), 0, 0, None)
+            return
         try:
             run.local = await self.local.submit(run.kind, params)
         except InvalidRequest as exc:
