@@ -17,7 +17,7 @@ COPY routers ./routers
 COPY services ./services
 # llama.cpp with CUDA offload; torch pinned in the same install (CUDA build on this base).
 RUN CMAKE_ARGS="-DGGML_CUDA=on" FORCE_CMAKE=1 \
-    pip install -c constraints.txt "torch==2.13.0" .
+    pip install -c constraints.txt "torch==2.13.0" ".[cluster]"
 # llama-server (the llama-server worker backend) from the same vendored llama.cpp, same flags.
 COPY scripts ./scripts
 RUN CMAKE_ARGS="-DGGML_CUDA=on" scripts/build_llama_server.sh /opt/edison \

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= var/demo
 PYTEST_ARGS ?=
 
-.PHONY: install llama-server demo run test lint browser bench doctor clean
+.PHONY: install llama-server demo run test lint browser postgres bench doctor clean cluster-demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,21 @@ browser:
 	      --no-install-recommends chromium >/dev/null; } \
 	  || echo "could not install chromium: the browser tests will be skipped"; }
 
-test: install lint browser
+# The cluster tests start a private PostgreSQL from Debian's package (initdb/pg_ctl in a
+# temporary folder, as the 'postgres' user when run as root). Installed here when missing
+# and when apt-get can; otherwise those tests are skipped.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing Debian's postgresql for the cluster tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends postgresql >/dev/null; } \
+	  || echo "could not install postgresql: the cluster tests will be skipped"; }
+
+# Two Edison nodes on one private PostgreSQL (var/cluster), on ports 8001 and 8002.
+cluster-demo: demo postgres
+	$(BIN)/python scripts/cluster_demo.py
+
+test: install lint browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: demo

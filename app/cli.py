@@ -65,6 +65,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = _load(args.config)
+    if settings.cluster is not None:
+        from services.cluster.preflight import check_database
+
+        try:
+            check_database(settings.cluster)
+        except ConfigError as exc:
+            print(f"edison: {exc.message}", file=sys.stderr)
+            return 2
     if args.host:
         settings.server.host = args.host
     if args.port:

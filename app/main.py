@@ -162,9 +162,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         observe=state.metrics.observe_task,
         events=state.events,
     )
+    state.cluster = None
+    if settings.cluster is not None:
+        # Only here is the database client imported: one host has no database at all.
+        from services.cluster.node import ClusterNode
+
+        state.cluster = ClusterNode(settings, state.placement, state.models, state.gate, state.jobs)
+        state.jobs = state.cluster.jobs  # any node accepts; jobs run where a line is free
     await state.models.start()
     await state.pipelines.start()
     await state.jobs.start()  # outputs and jobs retention, in the background
+    if state.cluster is not None:
+        await state.cluster.start()
     state.ready = asyncio.Event()
     state.startup_detail = "starting"
     settings.server.outputs_dir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +186,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if state.cluster is not None:
+            await state.cluster.stop()
         state.jobs.cancel_all("server shutting down")
         await state.jobs.shutdown()
         await state.chat.aclose()
@@ -227,6 +238,13 @@ def create_app(
     install_error_handlers(app)
     protected = [Depends(bearer_scheme)]  # documents the key; RequestGuard checks it
     bodies = error_responses(400, 401, 413, 422)  # routes that read a JSON body
+    if settings.cluster is not None:  # first: its /jobs, /outputs and /ready answer instead
+        from routers import cluster
+
+        app.include_router(cluster.public)
+        app.include_router(
+            cluster.router, dependencies=protected, responses=error_responses(401, 404, 503)
+        )
     app.include_router(health.router)
     app.include_router(system.router, dependencies=protected, responses=error_responses(401))
     app.include_router(models.router, dependencies=protected, responses=error_responses(401))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -170,9 +170,14 @@ class ChatRequest(BaseModel):
         }
     },
 )
-async def chat_completions(req: ChatRequest, chat: ChatDep) -> Any:
+async def chat_completions(req: ChatRequest, chat: ChatDep, request: Request) -> Any:
     body = req.model_dump(exclude_unset=True, exclude_none=True)
     body.setdefault("model", "auto")
+    if getattr(request.app.state, "cluster", None) is not None:  # to the node holding the tier
+        from routers.cluster import chat_elsewhere
+
+        if (answer := await chat_elsewhere(request, body)) is not None:
+            return answer
     if req.stream:
         opened = await chat.stream(body)
         # The lease on the model ends however the response ends (a client gone at once).

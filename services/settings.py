@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from services.cluster.config import ClusterSettings
 from services.errors import ConfigError
 
 TIER_NAMES: tuple[str, ...] = ("fast", "medium", "deep", "reasoning", "vision")
@@ -597,6 +598,9 @@ class Settings(BaseSettings):
     )
     swarm: SwarmSettings = Field(default_factory=SwarmSettings, description="Swarm policy.")
     queue: QueueSettings = Field(default_factory=QueueSettings, description="Heavy-task queue.")
+    cluster: ClusterSettings | None = Field(
+        None, description="Several hosts as one service (off without this section)."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,255 @@
+"""Cluster mode only: /system/cluster, and the cluster's view of /jobs/{id}, /outputs/{name}
+and /ready. Included before the single-host routers, so these answer first; never
+included without a ``cluster`` section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
+
+from app.deps import SettingsDep
+from app.errors import error_body
+from app.schemas import ErrorBody, JobView, Ready, job_view
+from routers import health
+from routers import jobs as single_host_jobs
+from services.cluster.chat import ROUTED_HEADER, route_chat
+from services.cluster.jobs import ClusterJob, ClusterJobs
+from services.cluster.node import ClusterNode
+from services.errors import NotFound
+
+router = APIRouter()
+public = APIRouter()
+
+
+class RunInfo(BaseModel):
+    node: str
+    worker_id: int | None = None
+    started_at: str | None = None
+
+
+class RefusalInfo(BaseModel):
+    node: str
+    message: str
+
+
+class ClusterJobView(JobView):
+    node: str | None = Field(description="The node that runs the job or ran it last.")
+    attempts: int = Field(
+        description="Runs started, the one under way included (2 after a node died mid-job)."
+    )
+    submitted_by: str = Field(description="The node that accepted the request.")
+    runs: list[RunInfo] = Field(description="Each run: the node and when it started.")
+    refusals: list[RefusalInfo] = Field(
+        description="Nodes that handed the job back because they can never hold it, and why."
+    )
+
+
+def _view(c: ClusterJob) -> ClusterJobView:
+    return ClusterJobView(
+        **job_view(c.job).model_dump(),
+        node=c.node,
+        attempts=c.attempts,
+        submitted_by=c.submitted_by,
+        runs=[
+            RunInfo(**{k: r.get(k) for k in ("node", "worker_id", "started_at")}) for r in c.runs
+        ],
+        refusals=[RefusalInfo(node=r["node"], message=r["message"]) for r in c.refusals],
+    )
+
+
+def _node(request: Request) -> ClusterNode:
+    return request.app.state.cluster
+
+
+def _jobs(request: Request) -> ClusterJobs:
+    return request.app.state.cluster.jobs
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=ClusterJobView,
+    tags=["jobs"],
+    summary="A job's status, progress, node, attempts and outputs, from any node",
+)
+async def get_job(job_id: str, request: Request) -> ClusterJobView:
+    jobs = _jobs(request)
+    try:
+        return _view(await jobs.view(job_id))
+    except NotFound:
+        return _local_view(jobs, job_id)
+
+
+def _local_view(jobs: ClusterJobs, job_id: str) -> Any:
+    return job_view(jobs.local.get(job_id))  # a warm-up or other local-only job
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=ClusterJobView,
+    tags=["jobs"],
+    summary="Cancel from any node: a queued job never starts, a running one stops at its "
+    "next step on its node",
+)
+async def cancel_job(job_id: str, request: Request) -> ClusterJobView:
+    return _view(await _jobs(request).cancel_async(job_id))
+
+
+@router.get(
+    "/outputs/{name}",
+    tags=["jobs"],
+    summary="A generated file: served here, or proxied from the node that wrote it",
+    response_class=FileResponse,
+)
+async def get_output(name: str, request: Request, settings: SettingsDep) -> Any:
+    try:
+        return await single_host_jobs.get_output(name, settings)
+    except NotFound:
+        pass
+    url = await _node(request).store.output_node(name)
+    if url is None or url == _node(request).cfg.public_url:
+        raise NotFound(f"No output named {name!r}")
+    client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0))
+    upstream = await client.send(client.build_request("GET", f"{url}/outputs/{name}"), stream=True)
+    if upstream.status_code != 200:
+        await upstream.aclose()
+        await client.aclose()
+        raise NotFound(f"No output named {name!r} (its node answered {upstream.status_code})")
+
+    async def close() -> None:
+        await upstream.aclose()
+        await client.aclose()
+
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        media_type=upstream.headers.get("content-type"),
+        background=BackgroundTask(close),
+    )
+
+
+class DeviceInfo(BaseModel):
+    device: str
+    capacity_mb: float
+    usable_mb: float
+
+
+class NodeInfo(BaseModel):
+    name: str
+    public_url: str
+    alive: bool = Field(description="Its heartbeat is fresh, by the database's clock.")
+    heartbeat_age_s: float | None = Field(description="Seconds since its last heartbeat.")
+    kinds: list[str] = Field(description="Generation kinds it runs.")
+    devices: list[DeviceInfo]
+    tiers_loaded: list[str]
+    running_jobs: int = 0
+
+
+class QueueDepth(BaseModel):
+    queue: str
+    queued: int
+    running: int
+
+
+class ClusterInfo(BaseModel):
+    this_node: str
+    database_ok: bool
+    nodes: list[NodeInfo]
+    queues: list[QueueDepth]
+
+
+@router.get(
+    "/system/cluster",
+    response_model=ClusterInfo,
+    tags=["system"],
+    summary="The cluster's nodes (heartbeat, devices, loaded tiers) and queue depths",
+)
+async def system_cluster(request: Request) -> ClusterInfo:
+    view = await _node(request).view()
+    return ClusterInfo(
+        this_node=view.this_node,
+        database_ok=view.database_ok,
+        nodes=[
+            NodeInfo(
+                name=n.name,
+                public_url=n.public_url,
+                alive=n.alive,
+                heartbeat_age_s=None if n.heartbeat_age_s is None else round(n.heartbeat_age_s, 2),
+                kinds=n.kinds,
+                devices=[
+                    DeviceInfo(**{k: d[k] for k in ("device", "capacity_mb", "usable_mb")})
+                    for d in n.meta.get("devices", [])
+                ],
+                tiers_loaded=n.meta.get("tiers_loaded", []),
+                running_jobs=n.meta.get("running_jobs", 0),
+            )
+            for n in view.nodes
+        ],
+        queues=[
+            QueueDepth(queue=q, queued=d.get("todo", 0), running=d.get("doing", 0))
+            for q, d in sorted(view.queues.items())
+        ],
+    )
+
+
+@public.get(
+    "/ready",
+    response_model=Ready,
+    tags=["health"],
+    summary="Readiness: start-up work is done and the cluster database is reachable",
+    responses={503: {"model": ErrorBody, "description": "Not ready, or the database is lost."}},
+)
+async def ready(request: Request) -> Any:
+    node = _node(request)
+    if not node.db_ok:
+        return JSONResponse(
+            error_body(
+                "cluster_database_unavailable",
+                "The cluster database (cluster.database_url) is unreachable",
+                detail="running jobs go on; results are written when it returns",
+            ),
+            status_code=503,
+            headers={"Retry-After": str(max(1, round(node.cfg.heartbeat_s)))},
+        )
+    return await health.ready(request)
+
+
+async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
+    """The chat's answer from the node that holds its tier (streamed through as it comes),
+    or None to answer here."""
+    node = _node(request)
+    if request.headers.get(ROUTED_HEADER):
+        return None
+    route = route_chat(
+        str(body.get("model", "auto")), request.app.state.models, node.nodes(), node.name
+    )
+    if route is None:
+        return None
+    client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
+    headers = {ROUTED_HEADER: node.name}
+    if auth := request.headers.get("authorization"):
+        headers["authorization"] = auth
+    upstream = await client.send(
+        client.build_request(
+            "POST", f"{route.url}/v1/chat/completions", json=body, headers=headers
+        ),
+        stream=True,
+    )
+
+    async def close() -> None:
+        await upstream.aclose()
+        await client.aclose()
+
+    keep = {k: v for k, v in upstream.headers.items() if k.lower().startswith("x-edison-")}
+    keep["X-Edison-Node"] = route.node
+    return StreamingResponse(
+        upstream.aiter_raw(),
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type"),
+        headers=keep,
+        background=BackgroundTask(close),
+    )
