@@ -19,6 +19,19 @@ from tests.helpers import LiveServer, deep_merge
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_on_one_thread() -> Iterator[None]:
+    """torch on one thread for the whole run. Why: the tests' tiny tensors gain nothing
+    from a second thread, and on a busy 2-core machine two threads per process wait on
+    each other (the family tests ran 5-20x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.families_fixture import tiny_family_dir  # noqa: F401 - one session fixture
 from tests.helpers import wait_until
 
 
@@ -86,3 +87,4 @@ def step_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[StepGate]:
     monkeypatch.setattr(PipelineHost, "run", gate.wrap(PipelineHost.run))
     yield gate
     gate.release()
+

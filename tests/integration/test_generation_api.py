@@ -351,3 +351,17 @@ def test_oom_once_is_retried_with_savers_and_fast_comes_back(
             what="fast back in a new worker",
         )
         assert m.worker.alive
+
+
+def test_system_memory_and_openapi_show_what_each_pipeline_can_do(gen_settings) -> None:
+    with TestClient(create_app(gen_settings())) as client:
+        wait_ready(client)
+        pipes = {p["kind"]: p for p in client.get("/system/memory").json()["pipelines"]}
+        image = pipes["image"]["caps"]
+        assert image["class_name"] == "StableDiffusionPipeline"
+        assert image["size_multiple"] == 8 and image["inputs"]["negative_prompt"]
+        assert pipes["video"]["caps"]["max_frames"] == 32  # the motion module's positions
+        assert pipes["music"]["caps"]["duration_param"] == "audio_end_in_s"
+        doc = client.get("/openapi.json").json()
+        text = doc["paths"]["/generate-video"]["post"]["description"]
+        assert "Configured pipeline: AnimateDiffPipeline" in text and "multiples of 8" in text

@@ -23,23 +23,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
-from services.demo.tiny_families import FAMILIES, write_tiny_family
+from services.demo.tiny_families import FAMILIES
 from tests.helpers import wait_ready
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def family_dir(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("families")
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = write_tiny_family(name, root / name)
-        return made[name]
-
-    return get
+@pytest.fixture
+def family_dir(tiny_family_dir):
+    """The folders of tests/families_fixture.py (written once per session)."""
+    return tiny_family_dir
 
 
 @pytest.fixture

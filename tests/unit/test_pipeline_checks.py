@@ -213,3 +213,16 @@ def test_warm_up_params_are_valid_for_the_pipeline():
     assert adjusted == [] and resolved.width % 32 == 0 and (resolved.num_frames - 1) % 8 == 0
     assert Image.open(io.BytesIO(p.image)).size == (p.width, p.height)
     assert ImageSettings().max_image_mb > 0
+
+
+def test_a_transformers_music_folder_is_refused_at_config_load(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from services.settings import Settings
+
+    (tmp_path / "musicgen").mkdir()
+    (tmp_path / "musicgen" / "config.json").write_text('{"model_type": "musicgen"}')
+    with pytest.raises(ValidationError, match="transformers model") as info:
+        Settings(generation={"music": {"pipeline": str(tmp_path / "musicgen")}})
+    assert "model_index.json" in str(info.value) and "ACE-Step" in str(info.value)
+    Settings(generation={"music": {"pipeline": str(tmp_path / "not-made-yet")}})  # made later
