@@ -4,7 +4,8 @@ Each folder is written by services.demo.tiny_families (random weights, no downlo
 reloaded with ``DiffusionPipeline.from_pretrained``; one or two steps must give the size,
 frame count or audio length asked. A second table checks that each folder keeps its
 family's geometry (VAE scale x patch size, temporal compression, sample rate), which is
-what Edison's request checks read.
+what Edison's request checks read. ``tiny_family_dir`` (tests/families_fixture.py) comes
+through tests/integration/conftest.py; torch runs on one thread (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -75,24 +76,10 @@ def _frames(frames: Any) -> tuple[int, tuple[int, int]]:
     return video.shape[0], (video.shape[2], video.shape[1])  # numpy (frames, h, w, c)
 
 
-@pytest.fixture
-def one_thread() -> Any:
-    """torch on one thread for the test, then as it was.
-
-    Why: these tensors are too small to gain from a second thread, and on a busy 2-core
-    machine two threads per process wait on each other (measured 5-20x slower).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_a_bare_call_gives_what_was_asked(
     name: str,
-    tiny_family_dir,  # noqa: F811
-    one_thread,
+    tiny_family_dir,
 ) -> None:
     pipe = _load(tiny_family_dir(name))
     class_name, asked = CALLS[name]
@@ -171,8 +158,7 @@ def _spatial_multiple(pipe) -> int:
 @pytest.mark.parametrize("name", sorted(GEOMETRY))
 def test_each_folder_keeps_its_familys_geometry(
     name: str,
-    tiny_family_dir,  # noqa: F811
-    one_thread,
+    tiny_family_dir,
 ) -> None:
     pipe = _load(tiny_family_dir(name))
     multiple, temporal = GEOMETRY[name]
@@ -192,7 +178,7 @@ def _weight_dtypes(path: Path) -> set[str]:
     return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
 
 
-def test_a_folder_can_state_a_published_dtype(tmp_path: Path, one_thread) -> None:
+def test_a_folder_can_state_a_published_dtype(tmp_path: Path) -> None:
     folder = write_tiny_family("sd3", tmp_path / "sd3", dtype="bfloat16")
     assert _weight_dtypes(folder / "transformer" / "diffusion_pytorch_model.safetensors") == {
         "BF16"
@@ -204,7 +190,7 @@ def test_a_folder_can_state_a_published_dtype(tmp_path: Path, one_thread) -> Non
     assert pipe.transformer.dtype == pipe.text_encoder_3.dtype == torch.float32
 
 
-def test_writing_is_seeded_and_done_once(tmp_path: Path, one_thread) -> None:
+def test_writing_is_seeded_and_done_once(tmp_path: Path) -> None:
     a = write_tiny_family("sd3", tmp_path / "a")
     b = write_tiny_family("sd3", tmp_path / "b")
     weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
