@@ -64,12 +64,12 @@ class PipelineInputs:
     prompt: bool = True  # Stable Video Diffusion takes none
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PipelineCaps:
     """What one pipeline folder can do; see the module docstring."""
 
-    kind: str
-    folder: str
+    kind: str = field(repr=False)  # the pipeline's own record says these (PipelineInfo)
+    folder: str = field(repr=False)
     class_name: str
     denoiser: str | None  # "transformer" (a DiT) | "unet" | None
     size_multiple: int  # width and height must be multiples of it (image, video)
