@@ -309,14 +309,20 @@ def read_caps(kind: str, folder: Path) -> PipelineCaps:
     last_image = "last_image" in params and not (
         (folder / "image_encoder").is_dir() and not den.get("pos_embed_seq_len")
     )
+    # FLUX.1 [dev] embeds a distilled guidance (guidance_embeds): `guidance_scale` is that,
+    # and a negative prompt would need true CFG, which it is not made for. Qwen-Image has
+    # no guidance embedding: its CFG scale is `true_cfg_scale`.
+    guidance = _first(params, GUIDANCE_PARAMS)
+    if guidance == "true_cfg_scale" and den.get("guidance_embeds"):
+        guidance = "guidance_scale_distilled"
     needs_image = "image" in params and any(s in class_name for s in _NEEDS_IMAGE)
     inputs = PipelineInputs(
         image="image" in params,
         image_required=needs_image,
         last_image=last_image,
         lyrics="lyrics" in params,
-        negative_prompt="negative_prompt" in params,
-        guidance=_first(params, GUIDANCE_PARAMS) is not None or "min_guidance_scale" in params,
+        negative_prompt="negative_prompt" in params and guidance != "guidance_scale_distilled",
+        guidance=guidance is not None,
         prompt="prompt" in params,
     )
     return PipelineCaps(
@@ -338,7 +344,7 @@ def read_caps(kind: str, folder: Path) -> PipelineCaps:
         frame_rate_param=rate_param,
         default_fps=_default(params, rate_param) if rate_param else None,
         duration_param=duration_param,
-        guidance_param=_first(params, GUIDANCE_PARAMS),
+        guidance_param="guidance_scale" if guidance == "guidance_scale_distilled" else guidance,
         video_audio=kind == "video" and rate is not None,
         min_steps=_min_steps(folder),
         max_frames=_int(den.get("motion_max_seq_length")) if kind == "video" else None,

@@ -121,7 +121,10 @@ def _mux_audio(video: Path, audio: np.ndarray, rate: int, *, seconds: float) -> 
     wav = video.with_suffix(".audio.wav")
     muxed = video.with_suffix(".muxed.mp4")
     try:
-        _wav(wav, audio[: int(round(seconds * rate))], rate)
+        # LTX-2's track comes out a few ms short of the video: pad it with silence.
+        n = int(round(seconds * rate))
+        audio = np.pad(audio[:n], ((0, max(0, n - len(audio))), (0, 0)))
+        _wav(wav, audio, rate)
         subprocess.run(
             [
                 imageio_ffmpeg.get_ffmpeg_exe(),

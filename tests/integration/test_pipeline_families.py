@@ -233,3 +233,16 @@ def test_a_folder_in_bfloat16_says_so_and_auto_picks_it_on_a_gpu(family_dir, tmp
     assert choose_dtype("auto", caps, "cuda:0")[0] == "bfloat16"
     assert choose_dtype("auto", caps, "cpu")[0] == "float32"
     assert read_caps("image", family_dir("flux")).published_dtype is None  # float32 export
+
+
+def test_guidance_goes_where_each_family_means_it(family_dir) -> None:
+    """FLUX.1 [dev] has a distilled guidance (guidance_scale; no negative prompt), Qwen-Image
+    a true CFG scale (true_cfg_scale, with a negative prompt): read from the real folders."""
+    from services.generation.capabilities import read_caps
+
+    flux, qwen = (
+        read_caps("image", family_dir("flux")),
+        read_caps("image", family_dir("qwen-image")),
+    )
+    assert flux.guidance_param == "guidance_scale" and not flux.inputs.negative_prompt
+    assert qwen.guidance_param == "true_cfg_scale" and qwen.inputs.negative_prompt
