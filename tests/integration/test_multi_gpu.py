@@ -302,7 +302,12 @@ async def test_a_model_no_card_holds_alone_is_split_when_allowed(make_settings, 
     def manager(allow_split: bool) -> ModelManager:
         settings = make_settings(
             memory={"devices": "auto", "reserve_vram_mb": 0, "worker_overhead_prior_mb": 0},
-            models={"medium": tier(tiny_dir, "medium", allow_split=allow_split), "n_threads": 1},
+            # llama-cpp-python: the split is read from its --tensor_split.
+            models={
+                "medium": tier(tiny_dir, "medium", allow_split=allow_split),
+                "n_threads": 1,
+                "backend": "llama-cpp-python",
+            },
         )
         return ModelManager(
             settings, placement_for(settings, FakeGpuProbe(1.2, gpus=2), reserve_vram_mb=0)

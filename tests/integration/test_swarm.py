@@ -141,7 +141,9 @@ def test_degraded_mode_puts_every_agent_on_the_fallback_tier(
 def test_failed_load_and_vision_on_demand_fall_back(make_settings, tiny_dir, tmp_path) -> None:
     deep = tmp_path / "deep.gguf"
     shutil.copy(tiny_dir / "deep.gguf", deep)
-    vision = tmp_path / "vision.gguf"  # a text model: the vision load fails (no projector)
+    # A text model: the vision load fails on llama-cpp-python (its llava-1-5 handler needs a
+    # projector; llama-server would serve it as a text model).
+    vision = tmp_path / "vision.gguf"
     shutil.copy(tiny_dir / "reasoning.gguf", vision)
     settings = make_settings(
         models=tiers(
@@ -149,7 +151,12 @@ def test_failed_load_and_vision_on_demand_fall_back(make_settings, tiny_dir, tmp
             "fast",
             "medium",
             deep={"path": str(deep)},
-            vision={"path": str(vision), "n_ctx": 256, "preload": False},
+            vision={
+                "path": str(vision),
+                "n_ctx": 256,
+                "preload": False,
+                "backend": "llama-cpp-python",
+            },
         ),
         swarm={"degraded_threshold_mb": 1},
     )

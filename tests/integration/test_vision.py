@@ -86,7 +86,9 @@ def chat(client: TestClient, messages: list, model: str = "auto", **extra):
 
 
 def test_image_chat_loads_vision_in_place_of_the_heavy_model(vision_settings) -> None:
-    app = create_app(vision_settings())
+    # llama-cpp-python: the projector's load is read from its clip log (llama-server's
+    # vision pair: test_llama_server_vision.py).
+    app = create_app(vision_settings(backend="llama-cpp-python"))
     with TestClient(app) as client:
         wait_ready(client)
         medium = client.post("/models/medium/load").json()["loaded"]
