@@ -89,7 +89,7 @@ def _llama_server_info(path: Path) -> LlamaServerInfo:
 def _backends(settings: Settings) -> BackendChoice:
     models = settings.models
     tiers = {name: models.backend_of(t) for name, t in models.tiers().items()}
-    return BackendChoice(models.backend, tiers)
+    return BackendChoice(models.backend_choice().backend, tiers)  # `auto` resolved
 
 
 def diagnose(settings: Settings | None = None) -> DoctorReport:

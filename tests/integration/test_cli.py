@@ -43,7 +43,10 @@ def test_doctor_reports_every_probe_step_and_the_builds() -> None:
         assert isinstance(server["gpu_offload"], bool)
     else:
         assert "llama-server" in server["reason"]
-    assert report["backends"]["default"] == "llama-cpp-python"
+    # models.backend auto: llama-server where its binary is, else llama-cpp-python.
+    assert report["backends"]["default"] == (
+        "llama-server" if server["usable"] else "llama-cpp-python"
+    )
     text = edison("doctor")
     assert "Probe ladder:" in text.stdout and "llama-cpp-python" in text.stdout
     assert "llama-server" in text.stdout and "Worker backend:" in text.stdout
