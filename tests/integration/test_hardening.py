@@ -3,6 +3,7 @@ warm start, and a clean exit; real server, real processes, tiny models."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -76,7 +77,7 @@ def test_options_lists_every_method_of_a_path(make_settings) -> None:
 def test_strict_types_and_the_configured_limits_in_the_schema(make_settings, tiny_dir) -> None:
     settings = make_settings(
         models={"fast": {"path": str(tiny_dir / "fast.gguf"), "preload": False}},
-        generation={"image": {"max_steps": 12, "max_images": 2}},
+        generation={"image": {"max_steps": 12, "default_steps": 10, "max_images": 2}},
         swarm={"max_agents": 3},
     )
     app = create_app(settings)
@@ -287,6 +288,8 @@ def test_an_oom_that_persists_answers_503_with_the_memory_measured_after(
     import diffusers
     import torch
 
+    # functools.wraps: the signature stays the pipeline's, which its capabilities read.
+    @functools.wraps(diffusers.StableDiffusionPipeline.__call__)
     def always_oom(self, *args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -297,7 +300,7 @@ def test_an_oom_that_persists_answers_503_with_the_memory_measured_after(
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         r = client.post("/generate-image", json={"prompt": "x", "width": 32, "height": 32})
-        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
         err = r.json()["error"]
         assert err["code"] == "insufficient_ram"  # the CPU's figure: RAM
         assert isinstance(err["free_vram_mb"], float) and err["free_vram_mb"] > 0
