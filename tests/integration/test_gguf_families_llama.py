@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from services.demo.tiny_gguf import TinyShape, write_tiny_gguf
 from services.demo.tiny_mmproj import TinyVisionShape, write_tiny_mmproj
 from services.memory.gguf_estimate import estimate, projector_size, read_gguf_info
 from tests.gguf_families import FAMILIES, qwen2, write_family
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 MiB = 1024 * 1024
 CTX = 4096
@@ -81,29 +80,25 @@ def bindings_logs(models: list[Path], flash_attn: bool) -> dict[Path, str]:
     return {Path(path): log for path, log in zip(parts[::2], parts[1::2], strict=True)}
 
 
-def server_log(binary: Path, model: Path, slots: int) -> str:
+def server_log(binary: Path, model: Path, slots: int, log_path: Path) -> str:
     """llama-server's log up to "listening on" (the model is loaded by then); ``-lv 4``
     lets llama.cpp's own info lines (the buffers) through."""
     cmd = [str(binary), "--model", str(model), "--ctx-size", str(CTX * slots), "-lv", "4"]
     cmd += ["--parallel", str(slots), "--n-gpu-layers", "0", "--threads", "1"]
     cmd += ["--host", "127.0.0.1", "--port", str(free_port())]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Why: a server that never says it listens would block the read below; killing it
-    # ends the output, so the loop ends and the test fails on what was logged.
-    timer = threading.Timer(60, proc.kill)
-    timer.start()
-    lines: list[str] = []
+    # Why a file, not a pipe: reading a pipe blocks for as long as anything holds its
+    # write end; a file is read on a deadline, whatever the server does.
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on" in line:
-                break
+        wait_until(
+            lambda: "listening on" in log_path.read_text() or proc.poll() is not None,
+            timeout=120,
+        )
     finally:
-        timer.cancel()
-        proc.terminate()
-        proc.communicate(timeout=30)  # read on: a full pipe would block its exit
-    return "".join(lines)
+        proc.kill()
+        proc.wait(timeout=30)
+    return log_path.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -140,11 +135,12 @@ def test_llama_cpp_python_load(
 @pytest.mark.parametrize("slots", [1, 4])
 @pytest.mark.parametrize("name", ["qwen3", "gemma3", "gpt-oss", "deepseek2", "lfm2", "mamba"])
 def test_llama_server_load(
-    files: dict[str, Path], name: str, slots: int, llama_server_bin: Path
+    files: dict[str, Path], name: str, slots: int, llama_server_bin: Path, tmp_path: Path
 ) -> None:
     """llama-server's own defaults: window-sized caches, flash attention on, a graph per
     slot. Each slot gets CTX cells, so the estimate is asked for CTX x slots."""
-    logged = Logged.parse(server_log(llama_server_bin, files[name], slots))
+    log = server_log(llama_server_bin, files[name], slots, tmp_path / "server.log")
+    logged = Logged.parse(log)
     info = read_gguf_info(files[name])
     est = estimate(info, -1, CTX * slots, slots=slots, flash_attn=True)
     assert close(est.kv_vram_mb, logged.kv), (name, est, logged)
