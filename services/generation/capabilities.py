@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from services.errors import ModelUnavailable
+from services.generation.sizing import safetensors_headers
 
 # Request field -> the names pipelines use for it, first match wins.
 DURATION_PARAMS = ("audio_end_in_s", "audio_length_in_s", "audio_duration", "duration")
@@ -131,16 +131,9 @@ def published_dtype(folder: Path) -> str | None:
     """The dtype the denoiser's weights are stored in, when it is a 16-bit one (float32
     weights are a full-precision export, not a statement about how to run them)."""
     for name in ("transformer", "unet", "dit"):
-        for path in sorted((folder / name).glob("*.safetensors")):
-            try:
-                with path.open("rb") as f:
-                    (length,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(min(length, 64 * 1024 * 1024)))
-            except (OSError, ValueError, struct.error):
-                continue
-            for key, t in header.items():
-                if key != "__metadata__" and isinstance(t, dict):
-                    return _SAFETENSORS_DTYPES.get(str(t.get("dtype")))
+        for header in safetensors_headers(folder / name):
+            for t in header.values():
+                return _SAFETENSORS_DTYPES.get(str(t.get("dtype")))
     return None
 
 

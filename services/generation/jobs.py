@@ -243,8 +243,9 @@ class JobService:
         if job.shape is not None:
             return functools.partial(self._predict, job)
         cfg = self.pipelines.config(job.kind)
-        return functools.partial(task_need, required_vram_mb=cfg.required_vram_mb,
-                                 required_ram_mb=cfg.required_ram_mb)
+        return functools.partial(
+            task_need, required_vram_mb=cfg.required_vram_mb, required_ram_mb=cfg.required_ram_mb
+        )
 
     @staticmethod
     def _reason(job: Job) -> str:

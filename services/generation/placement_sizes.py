@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.generation.sizing import tensor_elements
 
 log = logging.getLogger("edison.generation")
 
@@ -70,22 +70,6 @@ class PipelineSizes:
 
     def mb(self, elements: float, bytes_per: float) -> float:
         return elements * bytes_per / MB
-
-
-def tensor_elements(folder: Path) -> dict[str, int]:
-    """Tensor name -> element count, over every safetensors file under ``folder``."""
-    out: dict[str, int] = {}
-    for path in sorted(folder.rglob("*.safetensors")):
-        try:
-            with path.open("rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(min(length, 100 * MB)))
-        except (OSError, ValueError, struct.error):
-            continue
-        for name, t in header.items():
-            if name != "__metadata__" and isinstance(t, dict):
-                out[name] = math.prod(int(d) for d in t.get("shape", []))
-    return out
 
 
 def component_size(name: str, tensors: dict[str, int], group_offload: bool = True) -> ComponentSize:

@@ -261,8 +261,7 @@ class PipelineRegistry:
         option = ladder.least if least else next(iter(ladder.options), None)
         if option is None:  # every rung marked unsupported for the folder
             raise ModelUnavailable(
-                f"{kind} pipeline supports none of its placements: "
-                + "; ".join(ladder.skipped),
+                f"{kind} pipeline supports none of its placements: " + "; ".join(ladder.skipped),
                 kind=kind,
             )
         return option.predicted

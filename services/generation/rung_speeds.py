@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from pathlib import Path
 
-from services.memory.learning import fit_line
+from services.memory.learning import fit_line, write_json_atomically
 
 log = logging.getLogger("edison.generation")
 
@@ -59,12 +58,9 @@ class RungSpeeds:
         if self.path is None:
             return
         with self._lock:
-            data = json.dumps({"version": 1, "step_s": self.samples})
+            data = {"version": 1, "step_s": {k: list(v) for k, v in self.samples.items()}}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(data)
-            tmp.replace(self.path)
+            write_json_atomically(self.path, data)
         except OSError as exc:
             log.warning("Could not save rung speeds to %s: %s", self.path, exc)
 

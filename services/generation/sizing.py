@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,20 +57,31 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def safetensors_elements(folder: Path) -> int:
-    """Elements of every tensor in the folder's safetensors files (headers only)."""
-    total = 0
-    for path in folder.rglob("*.safetensors"):
+def safetensors_headers(folder: Path) -> Iterator[dict[str, Any]]:
+    """The tensor entries of each safetensors file under ``folder`` (headers only, never
+    the weights): name -> {"dtype", "shape", ...}. Unreadable files are skipped."""
+    for path in sorted(folder.rglob("*.safetensors")):
         try:
             with path.open("rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(min(length, 100 * MB)))
         except (OSError, ValueError, struct.error):
             continue
-        for name, t in header.items():
-            if name != "__metadata__" and isinstance(t, dict):
-                total += math.prod(int(d) for d in t.get("shape", []))
-    return total
+        yield {k: t for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)}
+
+
+def tensor_elements(folder: Path) -> dict[str, int]:
+    """Tensor name -> element count, over every safetensors file under ``folder``."""
+    return {
+        name: math.prod(int(d) for d in t.get("shape", []))
+        for header in safetensors_headers(folder)
+        for name, t in header.items()
+    }
+
+
+def safetensors_elements(folder: Path) -> int:
+    """Elements of every tensor in the folder's safetensors files (headers only)."""
+    return sum(tensor_elements(folder).values())
 
 
 def read_shape(kind: str, folder: Path) -> PipelineShape:

@@ -375,12 +375,8 @@ class LearnedMemory:
         """Write the state file atomically. Blocking: call from a thread in async code."""
         if self.path is None:
             return
-        data = json.dumps(self.snapshot())
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(data)
-            tmp.replace(self.path)
+            write_json_atomically(self.path, self.snapshot())
         except OSError as exc:
             log.warning("Could not save learned memory models to %s: %s", self.path, exc)
 
@@ -433,3 +429,12 @@ class LearnedMemory:
             len(pipelines),
             len(overheads),
         )
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so a
+    reader (or a crash) never sees half a file. Blocking; raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
