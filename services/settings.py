@@ -466,7 +466,6 @@ class PipelineSettings(_Section):
         4096 * 4096, ge=64, description="Largest input image, width x height in pixels."
     )
 
-
     @model_validator(mode="after")
     def _a_diffusers_folder(self) -> PipelineSettings:
         folder = self.pipeline
@@ -519,8 +518,10 @@ class VideoSettings(_SizedSettings):
         257, ge=1, le=1024, description="Largest `num_frames` a request may ask."
     )
     default_frames: int | None = Field(
-        None, ge=1, le=1024, description="`num_frames` when a request omits it "
-        "(default: the pipeline's)."
+        None,
+        ge=1,
+        le=1024,
+        description="`num_frames` when a request omits it (default: the pipeline's).",
     )
 
     @model_validator(mode="after")
@@ -534,8 +535,11 @@ class MusicSettings(PipelineSettings):
         47, gt=0, le=600, description="Longest `duration_s` a request may ask."
     )
     default_duration_s: float | None = Field(
-        None, gt=0, le=600, description="`duration_s` when a request omits it (default: the "
-        "pipeline's own, capped at `max_duration_s`)."
+        None,
+        gt=0,
+        le=600,
+        description="`duration_s` when a request omits it (default: the "
+        "pipeline's own, capped at `max_duration_s`).",
     )
 
     @model_validator(mode="after")

@@ -87,4 +87,3 @@ def step_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[StepGate]:
     monkeypatch.setattr(PipelineHost, "run", gate.wrap(PipelineHost.run))
     yield gate
     gate.release()
-
