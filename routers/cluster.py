@@ -18,7 +18,7 @@ from app.errors import error_body
 from app.schemas import ErrorBody, JobView, Ready, job_view
 from routers import health
 from routers import jobs as single_host_jobs
-from services.cluster.chat import ROUTED_HEADER, route_chat
+from services.cluster.chat import ROUTED_HEADER, cluster_tiers, route_chat
 from services.cluster.jobs import ClusterJob, ClusterJobs
 from services.cluster.node import ClusterNode
 from services.errors import NotFound
@@ -253,3 +253,31 @@ async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
         headers=keep,
         background=BackgroundTask(close),
     )
+
+
+def cluster_models(request: Request, local: list[Any]) -> list[Any]:
+    """/v1/models in cluster mode: this node's entries, each tier with the nodes that have
+    it loaded (loaded somewhere counts as loaded: a chat goes there), then the tiers only
+    other nodes configure."""
+    from routers.models import OpenAIModel
+
+    node = _node(request)
+    tiers = {t.tier: t for t in cluster_tiers(request.app.state.models, node.nodes(), node.name)}
+    out = []
+    for m in local:
+        t = tiers.pop(m.id, None)
+        if t is not None:
+            status = "loaded" if t.loaded_on else m.status
+            m = m.model_copy(update={"status": status, "nodes": t.loaded_on})
+        out.append(m)
+    extra = [
+        OpenAIModel(
+            id=t.tier,
+            status="loaded" if t.loaded_on else "unloaded",
+            heavy=t.heavy,
+            nodes=t.loaded_on,
+        )
+        for t in tiers.values()
+    ]
+    image = next((i for i, m in enumerate(out) if m.kind != "chat"), len(out))
+    return out[:image] + extra + out[image:]  # chat tiers together, before the pipelines

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from app.deps import ModelsDep, PipelinesDep, SettingsDep
@@ -25,6 +25,11 @@ class OpenAIModel(BaseModel):
         "chat",
         description="What the model makes: `chat` (`/v1/chat/completions`) or `image` "
         "(`/v1/images/generations`).",
+    )
+    nodes: list[str] | None = Field(
+        None,
+        description="Cluster mode: the nodes that have the tier loaded (a chat goes to one "
+        "of them); null on one host.",
     )
 
 
@@ -89,11 +94,16 @@ class UnloadResultOut(BaseModel):
     summary="Tiers and the image pipeline, OpenAI style",
 )
 async def openai_models(
-    models: ModelsDep, pipelines: PipelinesDep, settings: SettingsDep
+    models: ModelsDep, pipelines: PipelinesDep, settings: SettingsDep, request: Request
 ) -> OpenAIModelList:
     auto = "loaded" if models.loaded_models() else "unloaded"
     data = [OpenAIModel(id="auto", status=auto, heavy=False)]
     data += [OpenAIModel(id=t.tier, status=t.status, heavy=t.heavy) for t in models.describe()]
+    cluster = getattr(request.app.state, "cluster", None)
+    if cluster is not None:  # the cluster's tiers, and where each is loaded
+        from routers.cluster import cluster_models
+
+        data = cluster_models(request, data)
     image = image_model_id(settings)
     if image is not None:  # an image task takes its device's heavy slot, as a heavy tier
         host = pipelines.host_of("image")

@@ -40,9 +40,18 @@ STATUS = {
     "cancelled": "cancelled",
     "aborted": "cancelled",
 }
+
+
+class NoNodeCanHold(InsufficientMemory):
+    """Every live node that runs the job's kind refused it: each refusal's figures."""
+
+    code = "insufficient_memory_everywhere"
+
+
 ERRORS: dict[str, type[EdisonError]] = {
     "insufficient_vram": InsufficientMemory,
     "insufficient_ram": InsufficientMemory,
+    "insufficient_memory_everywhere": NoNodeCanHold,
     "cancelled": Cancelled,
 }
 
@@ -103,8 +112,8 @@ def job_from_row(row: JobRow, mirror: Job | None = None) -> Job:
         job.position, job.eta_s = None, None
     if job.status == "failed" and job.error is not None:
         cls = ERRORS.get(job.error.code)
-        if cls is InsufficientMemory:
-            job.exc = InsufficientMemory(job.error.message, **job.error.details)
+        if cls is not None and issubclass(cls, InsufficientMemory):
+            job.exc = cls(job.error.message, **job.error.details)
         else:
             job.exc = RemoteJobFailed(job.error.code, job.error.message, **job.error.details)
     if job.status in ("succeeded", "failed", "cancelled"):

@@ -122,6 +122,20 @@ class LocalPostgres:
                 self.database,
             )  # fmt: skip
 
+    def url_of(self, database: str) -> str:
+        """The URL of another database on this server."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A fresh, empty database ``name`` on this server (dropped first when present);
+        returns its URL. Separate databases keep separate clusters on one server."""
+        for sql in (f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'):
+            self._cmd(
+                "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d",
+                "postgres", "-tAc", sql,
+            )  # fmt: skip
+        return self.url_of(name)
+
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``immediate`` is a crash, for the database-down tests)."""
         if (self.data / "postmaster.pid").exists():
@@ -132,10 +146,10 @@ class LocalPostgres:
         while (self.data / "postmaster.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def psql(self, sql: str) -> str:
+    def psql(self, sql: str, database: str | None = None) -> str:
         """Run one statement with psql; its unaligned output."""
         proc = self._cmd(
             "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d",
-            self.database, "-tAc", sql,
+            database or self.database, "-tAc", sql,
         )  # fmt: skip
         return proc.stdout.strip()

@@ -165,11 +165,12 @@ class ClusterNode:
             }
             for v in self.placement.views_of(snap)
         ]
-        tiers = [t.tier for t in self.models.describe() if t.status == "loaded"]
+        described = self.models.describe()
         return {
             "devices": devices,
-            "tiers_loaded": tiers,
-            "tiers_configured": list(self.settings.models.tiers()),
+            "tiers_loaded": [t.tier for t in described if t.status == "loaded"],
+            "tiers_configured": [t.tier for t in described],
+            "tiers_heavy": [t.tier for t in described if t.heavy],
             "gate": {
                 "running": len(self.gate.running()),
                 "waiting": self.gate.queue_length,

@@ -158,6 +158,15 @@ SELECT procrastinate_retry_job_v2(
   FROM mine, noted
 """
 
+# A job this node refused before, fetched again while no other node took it: back to the
+# queue unchanged (no second refusal, no attempt: the engine's retry would count one).
+PASS_BACK = """
+UPDATE procrastinate_jobs
+   SET status = 'todo', scheduled_at = now() + make_interval(secs => %(delay)s::float8)
+ WHERE id = %(pid)s AND status = 'doing' AND worker_id = %(worker_id)s
+RETURNING id
+"""
+
 # The nodes that consume ``kind`` and are alive, and the ones that refused this job.
 WHO_CAN_TAKE = """
 SELECT n.name FROM edison_nodes n
@@ -252,8 +261,9 @@ WITH mine AS (
 )
 UPDATE edison_jobs e
    SET error = %(error)s, finished_at = now(),
-       refusals = e.refusals || jsonb_build_array(jsonb_build_object(
-           'node', %(node)s::text, 'message', %(message)s::text, 'at', now()))
+       refusals = CASE WHEN %(again)s THEN e.refusals ELSE e.refusals || jsonb_build_array(
+           jsonb_build_object('node', %(node)s::text, 'message', %(message)s::text, 'at', now()))
+       END
   FROM mine WHERE e.procrastinate_id = mine.id
 RETURNING e.id
 """

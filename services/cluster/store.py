@@ -355,15 +355,21 @@ class ClusterStore:
         message: str,
         delay_s: float,
         timeout_s: float,
+        again: bool = False,
     ) -> str:
         """Give a job this node can never hold back to the queue for another node; when no
         other live node that runs ``kind`` is left to try, fail it naming every refusal.
-        Returns "handed_back", "failed" or "refused" (no longer this worker's)."""
+        ``again``: this node refused it before (its refusal and attempt are on record: the
+        job goes back unchanged). Returns "handed_back", "passed", "failed" or "refused"
+        (no longer this worker's)."""
         others = [
             r["name"]
             for r in await self._all(q.WHO_CAN_TAKE, kind=kind, id=job_id, timeout=timeout_s)
             if r["name"] != node
         ]
+        if others and again:
+            rows = await self._all(q.PASS_BACK, pid=pid, worker_id=worker_id, delay=delay_s)
+            return "passed" if rows else "refused"
         if others:
             rows = await self._all(
                 q.HAND_BACK, pid=pid, worker_id=worker_id, node=node, message=message,
@@ -371,12 +377,13 @@ class ClusterStore:
             )  # fmt: skip
             return "handed_back" if rows else "refused"
         job = await self.job(job_id)
-        earlier = [f"{r['node']}: {r['message']}" for r in (job.refusals if job else [])]
-        text = "; ".join([*earlier, f"{node}: {message}"])
+        refusals = [f"{r['node']}: {r['message']}" for r in (job.refusals if job else [])]
+        if not again:
+            refusals.append(f"{node}: {message}")
         error = {
             "code": "insufficient_memory_everywhere",
-            "message": f"No node of the cluster can hold this {kind} job: {text}",
-            "details": {"refusals": [*earlier, f"{node}: {message}"]},
+            "message": f"No node of the cluster can hold this {kind} job: {'; '.join(refusals)}",
+            "details": {"refusals": refusals},
         }
         async with self.conn() as conn:
             cur = await conn.execute(
@@ -386,6 +393,7 @@ class ClusterStore:
                     "worker_id": worker_id,
                     "node": node,
                     "message": message,
+                    "again": again,
                     "error": Jsonb(error),
                 },
             )

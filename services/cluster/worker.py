@@ -166,7 +166,7 @@ class Worker:
             log.error("cluster job %s has no edison_jobs row", run.edison_id)
             return
         if run.edison_id in self.refused:
-            await self._hand_back(run, worker_id, "refused here before")
+            await self._hand_back(run, worker_id, "refused here before", again=True)
             return
         if not await self._retry_db(
             lambda: self.store.start_run(run.edison_id, worker_id, self.name)
@@ -267,11 +267,14 @@ class Worker:
                 "cluster job %s: result refused (the job is no longer this node's)", run.edison_id
             )
 
-    async def _hand_back(self, run: Running, worker_id: int, message: str) -> None:
+    async def _hand_back(
+        self, run: Running, worker_id: int, message: str, *, again: bool = False
+    ) -> None:
         outcome = await self._retry_db(
             lambda: self.store.hand_back(
                 run.edison_id, run.pid, worker_id, run.kind, node=self.name, message=message,
                 delay_s=self.cfg.handback_delay_s, timeout_s=self.cfg.heartbeat_timeout_s,
+                again=again,
             )
         )  # fmt: skip
         log.info("cluster job %s: %s (%s)", run.edison_id, outcome, message)

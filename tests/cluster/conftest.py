@@ -1,12 +1,19 @@
 """A real PostgreSQL (Debian's package, a private cluster started here) and real
 `edison serve` nodes on loopback ports, for the cluster tests.
 
+One PostgreSQL server per session; each group of nodes gets its own database on it (made
+from a template that already holds the schema), so groups never see each other's jobs.
+Two nodes, ``a`` and ``b``, are shared by every test that kills nothing (``shared``); the
+tests that kill or freeze a node start their own (``cluster``, or a module's group).
+
 The tests skip only when PostgreSQL cannot be installed (`make test` installs it, as it
 does Chromium) or its client library is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import shutil
 import signal
@@ -33,6 +40,9 @@ FAST = {  # short heartbeats: the chaos tests wait seconds, not half a minute
     "handback_delay_s": 0.2,
     "progress_every_s": 0.2,
 }
+TEMPLATE = "edison_template"
+NEVER_MB = 1_048_576  # a need (1 TiB) no node here can ever hold: the node refuses it
+_databases = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +58,7 @@ def postgres() -> Iterator[Any]:
     pg = LocalPostgres(root, free_port())
     try:
         pg.start()
+        asyncio.run(_schema(pg.create_database(TEMPLATE)))
     except LocalDbUnavailable as exc:
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"could not start PostgreSQL: {exc}")
@@ -55,6 +66,23 @@ def postgres() -> Iterator[Any]:
     pg.stop("immediate")
     pg.wait_stopped()
     shutil.rmtree(root, ignore_errors=True)
+
+
+async def _schema(url: str) -> None:
+    """Procrastinate's schema and Edison's tables, once, in the template database."""
+    from services.cluster.store import ClusterStore
+
+    store = ClusterStore(url)
+    await store.open()
+    await store.close()
+
+
+def new_database(pg: Any, prefix: str) -> str:
+    """A fresh database with the schema (a copy of the template); its name."""
+    name = f"{prefix}{next(_databases)}"
+    pg.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', database="postgres")
+    pg.psql(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"', database="postgres")
+    return name
 
 
 @dataclass
@@ -68,8 +96,9 @@ class Node:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30)
@@ -77,12 +106,17 @@ class Node:
 
 @dataclass
 class Cluster:
-    """Nodes of one test, the hold file and the runs folder they share."""
+    """Nodes on one database, the hold file and the runs folder they share."""
 
     root: Path
     pg: Any
     pipelines: dict[str, Path]
+    database: str
     nodes: dict[str, Node] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.pg.url_of(self.database)
 
     @property
     def hold(self) -> Path:
@@ -91,6 +125,9 @@ class Cluster:
     @property
     def runs(self) -> Path:
         return self.root / "runs"
+
+    def sql(self, statement: str) -> str:
+        return self.pg.psql(statement, database=self.database)
 
     def config(self, name: str, port: int, **extra: Any) -> dict[str, Any]:
         base = {
@@ -106,10 +143,11 @@ class Cluster:
                     "required_ram_mb": 64,
                     "default_steps": 2,
                     "max_pixels": 65536,
+                    "preload": True,  # warmed before /ready: a re-run pays no load
                 }
             },
             "cluster": {
-                "database_url": self.pg.url,
+                "database_url": self.url,
                 "node_name": name,
                 "public_url": f"http://127.0.0.1:{port}",
                 **FAST,
@@ -129,8 +167,12 @@ class Cluster:
             "EDISON_TEST_HOLD": str(self.hold),
             "EDISON_TEST_NODE": name,
             "HF_HUB_OFFLINE": "1",
+            # Why: tiny tensors gain nothing from a second thread, and on 2 busy cores the
+            # nodes' threads wait on each other (as tests/conftest.py does in-process).
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
         }
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.cluster.node", str(cfg)],
                 cwd=ROOT,
@@ -144,7 +186,14 @@ class Cluster:
             self.wait_ready(node)
         return node
 
-    def wait_ready(self, node: Node) -> None:
+    def start_many(self, configs: dict[str, dict[str, Any]]) -> list[Node]:
+        """Start several nodes at once (their imports overlap), then wait for each."""
+        nodes = [self.start(name, wait=False, **extra) for name, extra in configs.items()]
+        for node in nodes:
+            self.wait_ready(node)
+        return nodes
+
+    def wait_ready(self, node: Node, timeout: float = 180) -> None:
         def ready() -> bool:
             if node.proc.poll() is not None:
                 raise AssertionError(f"{node.name} exited: {node.log.read_text()[-3000:]}")
@@ -153,13 +202,21 @@ class Cluster:
             except httpx.HTTPError:
                 return False
 
-        wait_until(ready, timeout=120, interval=0.1, what=f"{node.name} ready")
+        wait_until(ready, timeout=timeout, interval=0.2, what=f"{node.name} ready")
+
+    def live(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.alive]
 
     def completions(self) -> list[str]:
         return sorted(p.name for p in self.runs.glob("*.done"))
 
     def starts(self) -> list[str]:
         return sorted(p.name for p in self.runs.glob("*.start"))
+
+    def idle(self) -> bool:
+        """No job of this database is queued or running."""
+        busy = "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+        return self.sql(busy) == "0"
 
     def stop_all(self) -> None:
         for node in self.nodes.values():
@@ -174,17 +231,63 @@ class Cluster:
                 node.proc.wait()
 
 
+def make_cluster(pg: Any, pipelines: dict[str, Path], root: Path, prefix: str) -> Cluster:
+    c = Cluster(root, pg, pipelines, new_database(pg, prefix))
+    c.runs.mkdir(parents=True, exist_ok=True)
+    return c
+
+
 @pytest.fixture
 def cluster(postgres: Any, tiny_pipelines: dict[str, Path], tmp_path: Path) -> Iterator[Cluster]:
-    """An empty queue and a fresh folder; the test starts the nodes it needs."""
-    postgres.psql(
-        "DO $$ BEGIN IF to_regclass('edison_jobs') IS NOT NULL THEN "
-        "TRUNCATE edison_jobs, edison_nodes, procrastinate_jobs, procrastinate_workers, "
-        "procrastinate_events CASCADE; END IF; END $$"
-    )
-    c = Cluster(tmp_path, postgres, tiny_pipelines)
-    c.runs.mkdir()
+    """A database of its own and a fresh folder; the test starts the nodes it needs."""
+    c = make_cluster(postgres, tiny_pipelines, tmp_path, "t")
     try:
         yield c
     finally:
         c.stop_all()
+
+
+def shared_configs(tiny_dir: Path, pipelines: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """The shared nodes: both run images. Only ``a`` can hold a music job (``b``'s need is
+    beyond anything it has: it hands music back); neither can hold a video job. ``a``
+    holds the ``fast`` chat tier, ``b`` has no tiers of its own."""
+    music = {"pipeline": str(pipelines["music"]), "default_steps": 1}
+    video = {"pipeline": str(pipelines["video"]), "required_ram_mb": NEVER_MB}
+    return {
+        "a": {
+            "generation": {"music": {**music, "required_ram_mb": 64}, "video": video},
+            "models": {"fast": {"path": str(tiny_dir / "fast.gguf"), "n_ctx": 256}, "n_threads": 1},
+        },
+        "b": {"generation": {"music": {**music, "required_ram_mb": NEVER_MB}, "video": video}},
+    }
+
+
+@pytest.fixture(scope="session")
+def pair(
+    postgres: Any,
+    tiny_pipelines: dict[str, Path],
+    tiny_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Cluster]:
+    """Nodes ``a`` and ``b`` on one database, started once for every test that needs two
+    live nodes and kills neither."""
+    c = make_cluster(postgres, tiny_pipelines, tmp_path_factory.mktemp("shared"), "shared")
+    try:
+        c.start_many(shared_configs(tiny_dir, tiny_pipelines))
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def shared(pair: Cluster) -> Cluster:
+    """The shared nodes, alive and ready, nothing queued or running, no hold, no run
+    markers left from an earlier test."""
+    pair.hold.unlink(missing_ok=True)
+    for node in pair.nodes.values():
+        assert node.alive, f"shared node {node.name} died: {node.log.read_text()[-3000:]}"
+        pair.wait_ready(node)
+    wait_until(pair.idle, timeout=120, interval=0.2, what="the shared queue empty")
+    for marker in pair.runs.glob("*"):
+        marker.unlink()
+    return pair

@@ -32,8 +32,8 @@ def _instrument() -> None:
     original = PipelineHost.run
 
     def run(self: Any, params: Any, *, on_step=None, should_cancel=None, **kw: Any):  # noqa: ANN001, ANN202
-        stem = runs / f"{node}.{os.getpid()}.{next(_count)}"
-        stem.with_suffix(".start").write_text(params.prompt)
+        stem = f"{node}.{os.getpid()}.{next(_count)}"
+        (runs / f"{stem}.start").write_text(params.prompt)
 
         def step(done: int, total: int) -> None:
             if on_step is not None:
@@ -43,7 +43,7 @@ def _instrument() -> None:
                     time.sleep(0.02)
 
         result = original(self, params, on_step=step, should_cancel=should_cancel, **kw)
-        stem.with_suffix(".done").write_text(params.prompt)
+        (runs / f"{stem}.done").write_text(params.prompt)
         return result
 
     PipelineHost.run = run  # type: ignore[method-assign]

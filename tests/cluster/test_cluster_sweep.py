@@ -15,7 +15,7 @@ from tests.cluster.conftest import Cluster
 async def test_two_sweepers_at_once_never_requeue_a_running_job(cluster: Cluster) -> None:
     from services.cluster.store import ClusterStore
 
-    stores = [ClusterStore(cluster.pg.url) for _ in range(2)]
+    stores = [ClusterStore(cluster.url) for _ in range(2)]
     for s in stores:
         await s.open()
     store = stores[0]
