@@ -9,18 +9,20 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
 from app.deps import SettingsDep
 from app.errors import error_body
 from app.schemas import ErrorBody, JobView, Ready, job_view
-from routers import health
+from routers import health, system
 from routers import jobs as single_host_jobs
 from services.cluster.chat import ROUTED_HEADER, cluster_tiers, route_chat
 from services.cluster.jobs import ClusterJob, ClusterJobs
 from services.cluster.node import ClusterNode
+from services.cluster.schema import queue_name
+from services.cluster.store import DatabaseDown, QueueStats
 from services.errors import NotFound
 
 router = APIRouter()
@@ -132,6 +134,31 @@ async def get_output(name: str, request: Request, settings: SettingsDep) -> Any:
     )
 
 
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics, with the cluster's queue depths and job attempts",
+    response_class=PlainTextResponse,
+    tags=["system"],
+)
+async def cluster_metrics(request: Request) -> PlainTextResponse:
+    """The single-host metrics plus, per kind's queue, jobs queued and running on every
+    node and the attempts the engine recorded (read from the database at each scrape)."""
+    node, state = _node(request), request.app.state
+    try:
+        stats = {s.queue: s for s in await node.store.queue_stats()}
+    except DatabaseDown:
+        state.metrics.observe_cluster_down()
+    else:
+        for kind in sorted(node.cluster_kinds()):
+            stats.setdefault(queue_name(kind), QueueStats(queue_name(kind), 0, 0, 0, 0))
+        for s in stats.values():
+            state.metrics.observe_cluster_queue(
+                s.queue, queued=s.queued, running=s.running, attempts=s.attempts,
+                retried=s.retried,
+            )  # fmt: skip
+    return await system.metrics(state.placement, state.models, state.gate, state.metrics)
+
+
 class DeviceInfo(BaseModel):
     device: str
     capacity_mb: float
@@ -153,6 +180,10 @@ class QueueDepth(BaseModel):
     queue: str
     queued: int
     running: int
+    attempts: int = Field(
+        description="Attempts the engine recorded over the queue's jobs (runs, requeues, "
+        "hand-backs)."
+    )
 
 
 class ClusterInfo(BaseModel):
@@ -190,8 +221,8 @@ async def system_cluster(request: Request) -> ClusterInfo:
             for n in view.nodes
         ],
         queues=[
-            QueueDepth(queue=q, queued=d.get("todo", 0), running=d.get("doing", 0))
-            for q, d in sorted(view.queues.items())
+            QueueDepth(queue=s.queue, queued=s.queued, running=s.running, attempts=s.attempts)
+            for s in view.queues
         ],
     )
 

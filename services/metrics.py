@@ -72,6 +72,54 @@ class Metrics:
             registry=r,
         )
         self._seen_outcomes: dict[str, int] = {}
+        self._cluster: tuple[Gauge, Gauge, Gauge, Gauge] | None = None  # cluster mode only
+
+    def observe_cluster_queue(
+        self, queue: str, *, queued: int, running: int, attempts: int, retried: int
+    ) -> None:
+        """Cluster mode: one kind's queue as the database has it (the gauges exist only
+        once a cluster node sets them, so one host's /metrics is unchanged)."""
+        depth, attempts_g, retried_g, up = self._cluster_gauges()
+        depth.labels(queue=queue, state="queued").set(queued)
+        depth.labels(queue=queue, state="running").set(running)
+        attempts_g.labels(queue=queue).set(attempts)
+        retried_g.labels(queue=queue).set(retried)
+        up.set(1)
+
+    def observe_cluster_down(self) -> None:
+        """Cluster mode: the database did not answer (the last queue figures stand)."""
+        self._cluster_gauges()[3].set(0)
+
+    def _cluster_gauges(self) -> tuple[Gauge, Gauge, Gauge, Gauge]:
+        if self._cluster is None:
+            r, q = self.registry, ["queue"]
+            self._cluster = (
+                Gauge(
+                    "edison_cluster_queue_depth",
+                    "Cluster jobs per queue and state (queued, running), every node's.",
+                    ["queue", "state"],
+                    registry=r,
+                ),
+                Gauge(
+                    "edison_cluster_job_attempts",
+                    "Attempts the engine recorded over the queue's jobs it keeps: finished "
+                    "runs, requeues after a node died, hand-backs.",
+                    q,
+                    registry=r,
+                ),
+                Gauge(
+                    "edison_cluster_jobs_retried",
+                    "The queue's jobs that took more than one attempt.",
+                    q,
+                    registry=r,
+                ),
+                Gauge(
+                    "edison_cluster_database_up",
+                    "1 while the cluster database answers this node.",
+                    registry=r,
+                ),
+            )
+        return self._cluster
 
     def observe_task(self, kind: str, status: str, seconds: float) -> None:
         self.task_seconds.labels(endpoint=f"/generate-{kind}", status=status).observe(seconds)

@@ -17,7 +17,7 @@ from typing import Any
 from services.cluster.config import ClusterSettings
 from services.cluster.jobs import ClusterJobs
 from services.cluster.schema import JOB_CHANNEL
-from services.cluster.store import ClusterStore, DatabaseDown, NodeRow
+from services.cluster.store import ClusterStore, DatabaseDown, NodeRow, QueueStats
 from services.cluster.worker import Worker
 from services.errors import ConfigError
 from services.generation.jobs import JobService
@@ -36,7 +36,7 @@ class ClusterView:
     this_node: str
     database_ok: bool
     nodes: list[NodeRow]
-    queues: dict[str, dict[str, int]]
+    queues: list[QueueStats]
 
 
 class ClusterNode:
@@ -148,9 +148,9 @@ class ClusterNode:
     async def view(self) -> ClusterView:
         try:
             nodes = await self.store.nodes(self.cfg.heartbeat_timeout_s)
-            queues = await self.store.queue_depths()
+            queues = await self.store.queue_stats()
         except DatabaseDown:
-            return ClusterView(self.name, False, self._nodes, {})
+            return ClusterView(self.name, False, self._nodes, [])
         return ClusterView(self.name, True, nodes, queues)
 
     async def _meta(self) -> dict[str, Any]:

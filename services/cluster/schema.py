@@ -243,10 +243,17 @@ SELECT n.name, n.public_url, n.kinds, n.meta, n.started_at, n.worker_id,
  ORDER BY n.name
 """
 
-QUEUE_DEPTHS = """
-SELECT queue_name, status::text AS status, count(*) AS n
-  FROM procrastinate_jobs WHERE task_name = %(task)s AND status IN ('todo', 'doing')
- GROUP BY queue_name, status
+# Per queue: jobs waiting and running now, and the attempts the engine recorded over every
+# job it keeps (a requeue after a node died, a hand-back, a finished run).
+QUEUE_STATS = """
+SELECT queue_name,
+       count(*) FILTER (WHERE status = 'todo') AS queued,
+       count(*) FILTER (WHERE status = 'doing') AS running,
+       coalesce(sum(attempts), 0) AS attempts,
+       count(*) FILTER (WHERE attempts > 1
+                        OR (attempts > 0 AND status IN ('todo', 'doing'))) AS retried
+  FROM procrastinate_jobs WHERE task_name = %(task)s
+ GROUP BY queue_name ORDER BY queue_name
 """
 
 OUTPUT_NODE = """

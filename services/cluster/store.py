@@ -77,6 +77,17 @@ class JobRow:
         return self.attempts + (1 if self.queue_status == "doing" else 0)
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    """One kind's queue: jobs waiting and running now; attempts over the jobs it keeps."""
+
+    queue: str
+    queued: int
+    running: int
+    attempts: int  # the engine's count: finished runs, requeues and hand-backs
+    retried: int  # jobs that took more than one attempt (or are on their second)
+
+
 @dataclass
 class SweepOutcome:
     requeued: list[str] = field(default_factory=list)
@@ -206,12 +217,14 @@ class ClusterStore:
             for r in rows
         ]
 
-    async def queue_depths(self) -> dict[str, dict[str, int]]:
-        """queue -> {"todo": n, "doing": n}."""
-        out: dict[str, dict[str, int]] = {}
-        for r in await self._all(q.QUEUE_DEPTHS, task=q.TASK_NAME):
-            out.setdefault(r["queue_name"], {"todo": 0, "doing": 0})[r["status"]] = int(r["n"])
-        return out
+    async def queue_stats(self) -> list[QueueStats]:
+        return [
+            QueueStats(
+                r["queue_name"], int(r["queued"]), int(r["running"]), int(r["attempts"]),
+                int(r["retried"]),
+            )
+            for r in await self._all(q.QUEUE_STATS, task=q.TASK_NAME)
+        ]  # fmt: skip
 
     # ---- submitting, viewing, cancelling ---------------------------------------------
     async def enqueue(

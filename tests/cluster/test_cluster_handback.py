@@ -13,7 +13,7 @@ import re
 
 import httpx
 
-from tests.cluster.conftest import NEVER_MB, Cluster
+from tests.cluster.conftest import NEVER_MB, Cluster, Node
 from tests.cluster.test_cluster_jobs import job, post, wait_status
 from tests.helpers import wait_until
 
@@ -26,8 +26,18 @@ def figures(message: str) -> tuple[int, int]:
     return int(required.group(1)), int(most.group(1))
 
 
+def metric(node: Node, sample: str) -> float:
+    """One sample of the node's /metrics (0 when absent)."""
+    for line in node.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_a_job_too_big_for_one_node_goes_to_the_other(shared: Cluster) -> None:
     a, b = shared.nodes["a"], shared.nodes["b"]
+    music = 'queue="edison.music"'
+    attempts_before = metric(b, f"edison_cluster_job_attempts{{{music}}}")
     shared.hold.touch()
     # a runs the first music job (held): b refuses music, whichever node fetched it first.
     first = post(b, "first tune", kind="music", duration_s=1)
@@ -52,6 +62,13 @@ def test_a_job_too_big_for_one_node_goes_to_the_other(shared: Cluster) -> None:
         timeout=60,
         what="b passed the job on again",
     )
+    # /metrics on any node: the music queue, one running and one waiting.
+    wait_until(
+        lambda: [metric(b, f'edison_cluster_queue_depth{{{music},state="{s}"}}') for s in
+                 ("queued", "running")] == [1, 1],
+        timeout=30,
+        what="the queue depths in /metrics",
+    )  # fmt: skip
     shared.hold.unlink()
     done = wait_status(b, second, "succeeded")
     assert done["node"] == "a" and [r["node"] for r in done["runs"]] == ["b", "a"]
@@ -59,6 +76,11 @@ def test_a_job_too_big_for_one_node_goes_to_the_other(shared: Cluster) -> None:
     assert [r["node"] for r in done["refusals"]] == ["b"]
     r = b.get(done["outputs"][0]["url"])  # a's file, through b
     assert r.status_code == 200 and r.content.startswith(b"RIFF"), r.text[:200]
+    # The attempts in /metrics: both jobs' (the first took 1, or 2 when b fetched it first).
+    attempts = job(b, first)["attempts"] + done["attempts"]
+    assert metric(a, f"edison_cluster_job_attempts{{{music}}}") - attempts_before == attempts
+    assert metric(a, f"edison_cluster_jobs_retried{{{music}}}") >= 1
+    assert metric(a, "edison_cluster_database_up") == 1
     # b never ran a music job: every run marker of a tune is a's.
     tunes = [p.name for p in shared.runs.glob("*.start") if "tune" in p.read_text()]
     assert sorted(n.split(".")[0] for n in tunes) == ["a", "a"]
