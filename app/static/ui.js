@@ -12,6 +12,7 @@ const state = {
   finished: [],
   decisions: [],
   streaming: false,
+  nodesPolled: false,
 };
 
 class NeedKey extends Error {}
@@ -211,6 +212,52 @@ function renderPipelines() {
   $("#no-pipelines").hidden = rows.length > 0;
 }
 
+// ---- cluster nodes (cluster mode only: /system/cluster is 404 on one host) -----------
+const CLUSTER_EVERY_MS = 2000;
+
+function renderNodes(c) {
+  $("#nodes-section").hidden = false;
+  const db = $("#cluster-db");
+  db.textContent = c.database_ok ? "database ok" : "database unreachable";
+  db.className = `pill ${c.database_ok ? "on" : "off"}`;
+  $("#cluster-this").textContent = `this page is served by ${c.this_node}`;
+  const rows = c.nodes.map((n) => el("tr", { dataset: { node: n.name, alive: n.alive ? "yes" : "no" } },
+    el("td", {}, el("b", {}, n.name), n.name === c.this_node ? el("span", { class: "muted" }, " (this node)") : null,
+      el("div", { class: "muted" }, n.public_url)),
+    el("td", { class: `heartbeat ${n.alive ? "good" : "bad"}` },
+      `${n.alive ? "alive" : "silent"} · ${n.heartbeat_age_s === null ? "never" : `${secs(n.heartbeat_age_s)} ago`}`),
+    el("td", { class: "devices" }, n.devices.length
+      ? n.devices.map((d) => el("div", {}, `${d.device}: ${mb(d.usable_mb)} of ${mb(d.capacity_mb)}`)) : "–"),
+    el("td", { class: "tiers" }, n.tiers_loaded.join(", ") || "–"),
+    el("td", { class: "kinds" }, n.kinds.join(", ") || "–"),
+    el("td", { class: "running" }, String(n.running_jobs))));
+  $("#nodes tbody").replaceChildren(...rows);
+  const queues = c.queues.map((q) => el("tr", { dataset: { queue: q.queue } },
+    el("td", {}, q.queue), el("td", { class: "queued" }, String(q.queued)),
+    el("td", { class: "running" }, String(q.running)), el("td", { class: "attempts" }, String(q.attempts))));
+  $("#queues tbody").replaceChildren(...queues);
+  $("#no-queues").hidden = queues.length > 0;
+}
+
+function followCluster() {
+  if (state.nodesPolled) return; // start() runs again after a key or an error: one poll
+  state.nodesPolled = true;
+  pollCluster();
+}
+
+async function pollCluster() {
+  try {
+    const r = await fetch("/system/cluster", { headers: authHeaders() });
+    // One host: no cluster, no panel, no polling. A refused key: the key form takes over.
+    if (r.status === 404 || r.status === 401) { state.nodesPolled = r.status === 404; return; }
+    if (r.ok) renderNodes(await r.json());
+    else logEvent("error", `nodes: ${r.status}`);
+  } catch (e) {
+    logEvent("error", `nodes: ${e.message}`);
+  }
+  setTimeout(pollCluster, CLUSTER_EVERY_MS);
+}
+
 function renderAll() {
   renderMemory(); renderTiers(); renderJobs(); renderDecisions(); renderPipelines();
 }
@@ -318,6 +365,7 @@ async function start() {
   try {
     await load();
     follow();
+    followCluster();
   } catch (e) {
     if (e instanceof NeedKey) askForKey(sessionStorage.getItem(KEY) ? "The key was refused." : "");
     else { $("#live").textContent = `error: ${e.message}`; setTimeout(start, 3000); }
