@@ -63,3 +63,37 @@ def test_an_unreachable_database_at_start_exits_2_naming_the_key(tmp_path: Path)
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "cluster.database_url" in out.stderr and str(port) in out.stderr
+
+
+def test_the_compose_file_matches_the_dockerfile_and_the_cluster_settings() -> None:
+    """compose.yaml: a postgres service and two nodes built from the Dockerfile, whose
+    environment overrides make valid, distinct `cluster` sections pointing at it."""
+    from services.cluster.config import ClusterSettings
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    services = compose["services"]
+    assert "postgres" in services and "healthcheck" in services["postgres"]
+    nodes = {k: v for k, v in services.items() if k != "postgres"}
+    assert len(nodes) == 2
+    exposed = dockerfile.split("\nEXPOSE ")[1].split()[0]
+    config_in_image = dockerfile.split("EDISON_CONFIG=")[1].split()[0]
+    names = set()
+    for name, svc in nodes.items():
+        assert svc["build"] == "." and svc["depends_on"]["postgres"]["condition"] == (
+            "service_healthy"
+        )
+        assert any(v.endswith(f":{config_in_image}:ro") for v in svc["volumes"])
+        env = {
+            k.removeprefix("EDISON__CLUSTER__").lower(): v.replace(
+                "${EDISON_DB_PASSWORD:-change-me}", "pw"
+            )
+            for k, v in svc["environment"].items()
+            if k.startswith("EDISON__CLUSTER__")
+        }
+        cfg = ClusterSettings(**env)
+        assert cfg.public_url == f"http://{name}:{exposed}"  # how the other node reaches it
+        assert "@postgres:5432/" in cfg.database_url
+        assert any(p.endswith(f":{exposed}") for p in svc["ports"])
+        names.add(cfg.node_name)
+    assert len(names) == 2
