@@ -41,7 +41,12 @@ def test_a_job_too_big_for_one_node_goes_to_the_other(shared: Cluster) -> None:
     shared.hold.touch()
     # a runs the first music job (held): b refuses music, whichever node fetched it first.
     first = post(b, "first tune", kind="music", duration_s=1)
-    assert wait_status(b, first, "running")["node"] == "a"
+    wait_until(
+        lambda: (j := job(b, first))["status"] == "running" and j["node"] == "a",
+        timeout=90,
+        interval=0.1,
+        what="the first tune running on a",
+    )  # (b shows as its node for a moment when it took the job first, before refusing)
     # a's line is busy, so only b pulls the second one: it refuses and hands it back.
     second = post(a, "second tune", kind="music", duration_s=1)
     refused = wait_until(
