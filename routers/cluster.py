@@ -18,7 +18,7 @@ from app.errors import error_body
 from app.schemas import ErrorBody, JobView, Ready, job_view
 from routers import health, system
 from routers import jobs as single_host_jobs
-from services.cluster.chat import ROUTED_HEADER, cluster_tiers, route_chat
+from services.cluster.chat import ROUTED_HEADER, cluster_tiers, loaded_here, route_chat
 from services.cluster.jobs import ClusterJob, ClusterJobs
 from services.cluster.node import ClusterNode
 from services.cluster.schema import queue_name
@@ -255,9 +255,11 @@ async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
     node = _node(request)
     if request.headers.get(ROUTED_HEADER):
         return None
-    route = route_chat(
-        str(body.get("model", "auto")), request.app.state.models, node.nodes(), node.name
-    )
+    tier, models = str(body.get("model", "auto")), request.app.state.models
+    if tier == "auto" or loaded_here(models, tier):
+        return None
+    # Read now, not the last heartbeat's copy: a tier loaded elsewhere a moment ago counts.
+    route = route_chat(tier, models, await node.fresh_nodes(), node.name)
     if route is None:
         return None
     client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0))
@@ -286,14 +288,15 @@ async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
     )
 
 
-def cluster_models(request: Request, local: list[Any]) -> list[Any]:
+async def cluster_models(request: Request, local: list[Any]) -> list[Any]:
     """/v1/models in cluster mode: this node's entries, each tier with the nodes that have
     it loaded (loaded somewhere counts as loaded: a chat goes there), then the tiers only
     other nodes configure."""
     from routers.models import OpenAIModel
 
     node = _node(request)
-    tiers = {t.tier: t for t in cluster_tiers(request.app.state.models, node.nodes(), node.name)}
+    nodes = await node.fresh_nodes()
+    tiers = {t.tier: t for t in cluster_tiers(request.app.state.models, nodes, node.name)}
     out = []
     for m in local:
         t = tiers.pop(m.id, None)

@@ -103,7 +103,7 @@ async def openai_models(
     if cluster is not None:  # the cluster's tiers, and where each is loaded
         from routers.cluster import cluster_models
 
-        data = cluster_models(request, data)
+        data = await cluster_models(request, data)
     image = image_model_id(settings)
     if image is not None:  # an image task takes its device's heavy slot, as a heavy tier
         host = pipelines.host_of("image")

@@ -143,6 +143,15 @@ class ClusterNode:
         return kinds | set(self.kinds)
 
     def nodes(self) -> list[NodeRow]:
+        """The nodes as the last heartbeat read them (at most ``heartbeat_s`` old)."""
+        return list(self._nodes)
+
+    async def fresh_nodes(self) -> list[NodeRow]:
+        """The nodes read now; the last heartbeat's read when the database is lost."""
+        try:
+            await self._refresh_nodes()
+        except DatabaseDown:
+            pass
         return list(self._nodes)
 
     async def view(self) -> ClusterView:

@@ -6,19 +6,24 @@ from __future__ import annotations
 
 import httpx
 
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import Cluster, Node
 from tests.helpers import wait_until
 
 
-def test_chat_goes_to_the_node_holding_the_tier_streaming_too(shared: Cluster) -> None:
-    holder, front = shared.nodes["a"], shared.nodes["b"]  # b has no tiers of its own
+def published(front: Node) -> None:
+    """Until a's loaded tier is in the database (its metadata goes out with its beats)."""
     wait_until(
         lambda: any(
             "fast" in n["tiers_loaded"] for n in front.get("/system/cluster").json()["nodes"]
         ),
         timeout=60,
-        what="front sees the holder's loaded tier",
+        what="a's loaded tier published",
     )
+
+
+def test_chat_goes_to_the_node_holding_the_tier_streaming_too(shared: Cluster) -> None:
+    holder, front = shared.nodes["a"], shared.nodes["b"]  # b has no tiers of its own
+    published(front)  # then the very next chat is routed (the nodes are read per chat)
     body = {
         "model": "fast",
         "messages": [{"role": "user", "content": "Hi"}],
@@ -43,6 +48,7 @@ def test_chat_goes_to_the_node_holding_the_tier_streaming_too(shared: Cluster) -
 
 
 def test_v1_models_lists_the_cluster_tiers_on_every_node(shared: Cluster) -> None:
+    published(shared.nodes["b"])
     for node in shared.nodes.values():
         models = {m["id"]: m for m in node.get("/v1/models").json()["data"]}
         fast = models["fast"]
