@@ -55,8 +55,11 @@ class ClusterNode:
         self.models = models
         self.gate = gate
         self.local = local
+        # A heartbeat that cannot get a connection within two beats finds the database lost
+        # (/ready then says so) rather than waiting out the whole connect timeout.
+        wait_s = min(self.cfg.connect_timeout_s, max(2.0, 2 * self.cfg.heartbeat_s))
         self.store = ClusterStore(
-            self.cfg.database_url, connect_timeout_s=self.cfg.connect_timeout_s
+            self.cfg.database_url, connect_timeout_s=self.cfg.connect_timeout_s, wait_s=wait_s
         )
         self.kinds = [k for k in KINDS if getattr(settings.generation, k).pipeline is not None]
         self.worker_id: int | None = None

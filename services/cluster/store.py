@@ -105,8 +105,13 @@ def _json(value: Any) -> Jsonb | None:
 class ClusterStore:
     """The database of one node: the engine's JobManager plus Edison's own statements."""
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, url: str, *, connect_timeout_s: float = 5.0, wait_s: float | None = None
+    ) -> None:
+        """``wait_s``: the longest Edison's own statements wait for a pooled connection
+        before the database counts as lost (default ``connect_timeout_s``)."""
         self.url = url
+        self.wait_s = connect_timeout_s if wait_s is None else wait_s
         self.connector = PsycopgConnector(
             conninfo=url,
             min_size=1,
@@ -134,7 +139,7 @@ class ClusterStore:
         await self.connector.close_async()
 
     async def _apply_schema(self) -> None:
-        async with self.conn() as conn:
+        async with self.conn(self.connect_timeout_s) as conn:
             await conn.execute("SELECT pg_advisory_lock(%s)", (q.SCHEMA_LOCK,))
             try:
                 cur = await conn.execute("SELECT to_regclass('procrastinate_jobs') AS t")
@@ -147,10 +152,12 @@ class ClusterStore:
                 await conn.execute("SELECT pg_advisory_unlock(%s)", (q.SCHEMA_LOCK,))
 
     @asynccontextmanager
-    async def conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def conn(
+        self, wait_s: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection in one transaction, rows as dicts; DatabaseDown when lost."""
         try:
-            async with self.connector.pool.connection() as conn:
+            async with self.connector.pool.connection(timeout=wait_s or self.wait_s) as conn:
                 conn.row_factory = dict_row  # type: ignore[assignment]
                 async with conn.transaction():
                     yield conn

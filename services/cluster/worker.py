@@ -280,15 +280,16 @@ class Worker:
         log.info("cluster job %s: %s (%s)", run.edison_id, outcome, message)
 
     async def _retry_db(self, call: Callable[[], Any]) -> Any:
-        """Run a database call until it succeeds: a running job's writes wait out an outage."""
-        delay = 0.2
+        """Run a database call until it succeeds: a running job's writes wait out an outage
+        (retried at most every two heartbeats, so a result lands soon after it returns)."""
+        delay, most = 0.2, min(5.0, max(0.5, 2 * self.cfg.heartbeat_s))
         while True:
             try:
                 return await call()
             except DatabaseDown as exc:
                 log.warning("database unreachable, retrying in %.1f s: %s", delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, most)
 
 
 def _error(exc: EdisonError) -> dict[str, Any]:
