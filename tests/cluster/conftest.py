@@ -262,7 +262,9 @@ def shared_configs(tiny_dir: Path, pipelines: dict[str, Path]) -> dict[str, dict
     }
 
 
-@pytest.fixture(scope="session")
+# Package scope: the shared nodes (and node a's llama-server) end with the cluster tests,
+# so no later test finds their processes among this session's children.
+@pytest.fixture(scope="package")
 def pair(
     postgres: Any,
     tiny_pipelines: dict[str, Path],

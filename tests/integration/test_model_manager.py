@@ -263,6 +263,7 @@ async def test_idle_heavy_model_is_unloaded_fast_stays(make_settings, tiny_dir) 
 async def test_worker_not_ready_in_time_is_killed(make_settings, tiny_dir, backend) -> None:
     models = {**tiers(tiny_dir, "fast", backend=backend), "load_timeout_s": 0.01}
     mm = manager_for(make_settings(models=models, ladder={"gpu_layers": [0], "context": [128]}))
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(ModelLoadFailed):
         await mm.load("fast")
     attempts = mm.tiers["fast"].attempts
@@ -272,7 +273,8 @@ async def test_worker_not_ready_in_time_is_killed(make_settings, tiny_dir, backe
     assert not [
         p
         for p in psutil.Process().children(recursive=True)
-        if any(w in " ".join(p.cmdline()) for w in ("llama_cpp", "llama-server"))
+        if p.pid not in before
+        and any(w in " ".join(p.cmdline()) for w in ("llama_cpp", "llama-server"))
     ]
 
 
