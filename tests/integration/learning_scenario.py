@@ -15,7 +15,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Pixels per side: three to learn from, the fourth predicted. Sizes whose working memory is
 # tens of MB, so that a few MB of allocator noise is a small share of it.
-SIZES = (192, 256, 320, 352)
+SIZES = (160, 208, 256, 288)
 
 
 async def scenario(folder: str, state_dir: str) -> dict:
