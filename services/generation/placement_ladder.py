@@ -356,7 +356,11 @@ class RungLadder:
     skipped: tuple[str, ...] = ()
 
     def choose(self, usable_mb: float, host_usable_mb: float) -> RungChoice:
-        return choose_rung(self.options, usable_mb, host_usable_mb)
+        choice = choose_rung(self.options, usable_mb, host_usable_mb)
+        if self.skipped:  # a rung left out is part of why this one was chosen
+            because = f"{choice.because}; skipped: {'; '.join(self.skipped)}"
+            choice = dataclasses.replace(choice, because=because)
+        return choice
 
     @property
     def least(self) -> RungOption | None:

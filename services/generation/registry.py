@@ -73,7 +73,6 @@ class PipelineRegistry:
         self._shapes: dict[str, PipelineShape] = {}
         self._caps: dict[str, PipelineCaps] = {}
         self._sizes: dict[str, PipelineSizes] = {}  # each folder's components (headers)
-        self.unsupported: dict[str, dict[str, str]] = {}  # kind -> rung -> why not
         self.speeds = RungSpeeds(settings.memory.state_dir)
         # Why a set and no lock: only the event loop reads and writes it; a thread runs
         # the pipeline while its key is in it.
@@ -89,6 +88,10 @@ class PipelineRegistry:
 
     def config(self, kind: str) -> PipelineSettings:
         return getattr(self.settings.generation, kind)
+
+    def unsupported(self, kind: str) -> dict[str, str]:
+        """The rungs ``kind``'s folder refused (kept across restarts): rung -> why."""
+        return self.speeds.unsupported_for(str(self.config(kind).pipeline))
 
     def host(self, kind: str, device: str) -> PipelineHost:
         """The host of ``kind`` on ``device`` (made on first use)."""
@@ -137,7 +140,7 @@ class PipelineRegistry:
             dataclasses.replace(
                 h.describe(running=key in self._running),
                 device=key[1],
-                unsupported_rungs=dict(self.unsupported.get(key[0], {})),
+                unsupported_rungs=self.unsupported(key[0]),
                 memory_model=self.learned.view(self.model_key(*key)),
             )
             for key, h in self.hosts.items()
@@ -163,7 +166,13 @@ class PipelineRegistry:
                     caps=self._caps.get(kind),
                 )
                 view = None if device == "auto" else self.learned.view(self.model_key(kind, device))
-                rows.append(dataclasses.replace(idle.describe(), memory_model=view))
+                rows.append(
+                    dataclasses.replace(
+                        idle.describe(),
+                        memory_model=view,
+                        unsupported_rungs=self.unsupported(kind),
+                    )
+                )
         return rows
 
     async def caps(self, kind: str) -> PipelineCaps | None:
@@ -221,7 +230,7 @@ class PipelineRegistry:
             fp8=cfg.fp8,
             pin=cfg.pin_memory,
             loaded=host.plan if host is not None and host.loaded else None,
-            unsupported=self.unsupported.get(kind, {}),
+            unsupported=self.unsupported(kind),
         )
         ladder = build_ladder(self.learned, self.speeds, request)
         options = tuple(
@@ -374,7 +383,8 @@ class PipelineRegistry:
             # must stay held until it really stops (cancel through should_cancel instead).
             result = await anyio.to_thread.run_sync(call)
         except RungUnsupported as exc:
-            self.unsupported.setdefault(kind, {})[exc.rung] = exc.reason
+            self.speeds.mark_unsupported(str(self.config(kind).pipeline), exc.rung, exc.reason)
+            await anyio.to_thread.run_sync(self.speeds.save)
             log.warning(
                 "Pipeline %s: %s marked unsupported for %s (%s); skipped from now on",
                 kind,

@@ -6,14 +6,20 @@ load left out: it loads kernels too), fitted against the request's size by least
 squares. A rung's speed is its fitted time relative to full residency's at the same
 size; before both are measured, the rung's prior (``placement_ladder.py``) stands.
 Kept in ``<memory.state_dir>/rung-speeds.json``; a file that cannot be read is ignored.
+
+The same file keeps the rungs a folder's models refused (group offload on a model whose
+forward casts by weight device, say), per folder and diffusers version: a restart skips
+them at once instead of failing into them again, and a new diffusers tries them again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from services.memory.learning import fit_line, write_json_atomically
@@ -32,6 +38,8 @@ class RungSpeeds:
         # Why: runs are recorded from the event loop and the file is written from a thread.
         self._lock = threading.Lock()
         self.samples: dict[str, list[tuple[float, float]]] = {}
+        # "<folder>|diffusers <version>" -> rung -> why the folder's models refused it
+        self.unsupported: dict[str, dict[str, str]] = {}
         self._load()
 
     def record(self, key: str, size: float, step_s: float) -> bool:
@@ -43,6 +51,16 @@ class RungSpeeds:
             kept.append((size, step_s))
             del kept[:-MAX_SAMPLES]
         return True
+
+    def mark_unsupported(self, folder: str, rung: str, why: str) -> None:
+        """Keep that ``folder``'s models refused ``rung`` (saved by save())."""
+        with self._lock:
+            self.unsupported.setdefault(unsupported_key(folder), {})[rung] = why
+
+    def unsupported_for(self, folder: str) -> dict[str, str]:
+        """The rungs ``folder``'s models refused under this diffusers: rung -> why."""
+        with self._lock:
+            return dict(self.unsupported.get(unsupported_key(folder), {}))
 
     def step_s(self, key: str, size: float) -> float | None:
         """Seconds per step at ``size``, fitted from measured runs; None before any."""
@@ -58,7 +76,11 @@ class RungSpeeds:
         if self.path is None:
             return
         with self._lock:
-            data = {"version": 1, "step_s": {k: list(v) for k, v in self.samples.items()}}
+            data = {
+                "version": 1,
+                "step_s": {k: list(v) for k, v in self.samples.items()},
+                "unsupported": {k: dict(v) for k, v in self.unsupported.items()},
+            }
         try:
             write_json_atomically(self.path, data)
         except OSError as exc:
@@ -72,5 +94,23 @@ class RungSpeeds:
             self.samples = {
                 str(k): [(float(s), float(t)) for s, t in v] for k, v in data["step_s"].items()
             }
+            # Absent in files written before the marks were kept: none then.
+            self.unsupported = {
+                str(k): {str(r): str(w) for r, w in v.items()}
+                for k, v in data.get("unsupported", {}).items()
+            }
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("Ignoring the rung speeds in %s (unreadable: %s)", self.path, exc)
+
+
+def unsupported_key(folder: str) -> str:
+    """A folder's marks hold under one diffusers version: hooks change between releases."""
+    return f"{Path(folder).expanduser().resolve()}|diffusers {_diffusers_release()}"
+
+
+@functools.cache
+def _diffusers_release() -> str:
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "unknown"

@@ -174,6 +174,18 @@ def test_a_rung_the_model_cannot_take_is_marked_and_skipped(
         again = client.post("/generate-image", json=BODY)
         assert again.status_code == 200 and again.json()["gate"]["rung"] == "offload_model"
         assert host.loads == 1  # the second request found it at its rung
+    # A restart remembers the mark (same folder, same diffusers): shown before any load,
+    # and the first request's gate skips straight past the rung.
+    app, _ = _fake_gpu_app(make_settings, tiny_pipelines, card_mb=5)
+    with TestClient(app) as client:
+        wait_ready(client)
+        memory = client.get("/system/memory").json()
+        [row] = [p for p in memory["pipelines"] if p["kind"] == "image"]
+        assert not row["loaded"] and "offload_blocks" in row["unsupported_rungs"]
+        r = client.post("/generate-image", json=BODY)
+        assert r.status_code == 200, r.text
+        assert r.json()["gate"]["rung"] == "offload_model"
+        assert "offload_blocks: unsupported" in r.json()["gate"]["rung_because"]
 
 
 def test_fitting_no_rung_is_503_at_once_naming_the_figures(make_settings, tiny_pipelines):

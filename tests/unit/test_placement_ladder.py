@@ -256,6 +256,25 @@ def test_learning_is_per_rung_and_estimates_say_so(tmp_path: Path) -> None:
     assert RungSpeeds(tmp_path).step_s(key, 4096) == pytest.approx(2.0)
 
 
+def test_unsupported_marks_are_kept_per_folder_and_diffusers_version(tmp_path, monkeypatch):
+    from services.generation import rung_speeds
+
+    folder = tmp_path / "sdxl"
+    speeds = RungSpeeds(tmp_path)
+    speeds.mark_unsupported(str(folder), "offload_blocks", "casts by weight device")
+    speeds.save()
+    kept = RungSpeeds(tmp_path)
+    assert kept.unsupported_for(str(folder)) == {"offload_blocks": "casts by weight device"}
+    assert kept.unsupported_for(str(tmp_path / "flux")) == {}  # another folder: none
+    # A file from before the marks were kept loads with none, its speeds intact.
+    (tmp_path / rung_speeds.STATE_FILE).write_text('{"version": 1, "step_s": {"k": [[1, 2]]}}')
+    old = RungSpeeds(tmp_path)
+    assert old.unsupported_for(str(folder)) == {} and old.step_s("k", 1) == 2
+    # Another diffusers release may support the rung: its marks start empty.
+    monkeypatch.setattr(rung_speeds, "_diffusers_release", lambda: "99.0")
+    assert kept.unsupported_for(str(folder)) == {}
+
+
 # ---- the gate's choice over a fake card ---------------------------------------------
 
 
