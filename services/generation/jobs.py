@@ -291,11 +291,29 @@ class JobService:
         if caps is None:
             raise ModelUnavailable(f"no {kind} pipeline folder is configured", kind=kind)
         tiny = warm_params(caps)
+        shape = await self.pipelines.shape(kind)
+        pipelines = self.pipelines
+
+        def need_on(device: str) -> TaskNeed:
+            assert shape is not None
+            return pipelines.predict(kind, device, tiny, shape).need
+
+        def ladder_on(device: str) -> RungLadder:
+            assert shape is not None
+            return pipelines.ladder(kind, device, tiny, shape)
+
         t0 = time.perf_counter()
+        # Through the placement ladder as a request is: a pipeline larger than the card
+        # preloads at the fastest rung that fits instead of failing at full residency.
         async with self.gate.heavy_task(
-            cfg.required_vram_mb, f"{kind}: warm-up", required_ram_mb=cfg.required_ram_mb, kind=kind
+            cfg.required_vram_mb,
+            f"{kind}: warm-up",
+            required_ram_mb=cfg.required_ram_mb,
+            kind=kind,
+            need_on=None if shape is None else need_on,
+            ladder_on=None if shape is None else ladder_on,
         ) as task:
-            await self.pipelines.warm(kind, task.device, tiny)
+            await self.pipelines.warm(kind, task.device, tiny, option=task.rung)
         return (time.perf_counter() - t0) * 1000
 
     async def _check_it_can_ever_fit(

@@ -357,6 +357,7 @@ class PipelineRegistry:
         option: RungOption | None = None,
         predicted: PredictedNeed | None = None,
         write: bool = True,
+        learn: bool = True,
     ) -> RunResult:
         """Run ``kind`` on ``device`` in a worker thread at ``option``'s placement
         (loading it first, or moving it there, if needed), and learn the rung's working
@@ -397,7 +398,7 @@ class PipelineRegistry:
             self._running.discard(key)
             self._hold(key, host)
         predicted = option.predicted if option is not None else predicted
-        if predicted is not None:
+        if predicted is not None and learn:
             if not result.first_run and params.steps:  # a first run loads kernels too
                 self.speeds.record(
                     predicted.key, predicted.size.value, result.run_ms / 1000 / params.steps
@@ -406,10 +407,13 @@ class PipelineRegistry:
             await self._learn(kind, host, result, predicted)
         return result
 
-    async def warm(self, kind: str, device: str, params: GenerationParams) -> RunResult:
-        """Load ``kind`` and run it once without writing files: the first request then pays
-        no load and no kernel warm-up. Learns nothing (a first run is not typical)."""
-        return await self.run(kind, device, params, write=False)
+    async def warm(
+        self, kind: str, device: str, params: GenerationParams, option: RungOption | None = None
+    ) -> RunResult:
+        """Load ``kind`` at ``option``'s rung and run it once without writing files: the
+        first request then pays no load and no kernel warm-up. Learns nothing (a first
+        run is not typical)."""
+        return await self.run(kind, device, params, write=False, option=option, learn=False)
 
     async def _unload(self, key: HostKey, host: PipelineHost) -> None:
         await anyio.to_thread.run_sync(host.unload)

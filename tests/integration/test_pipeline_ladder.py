@@ -92,7 +92,9 @@ def test_each_rung_gives_full_residencys_output(
         assert host.plan is not None and host.plan.rung == rung
 
 
-def _fake_gpu_app(make_settings, tiny_pipelines, card_mb: float, reserve_ram_mb: int = 0):
+def _fake_gpu_app(
+    make_settings, tiny_pipelines, card_mb: float, reserve_ram_mb: int = 0, preload: bool = False
+):
     """An app on a GPU of ``card_mb`` that reports given numbers; its ``cuda:0`` runs on
     the CPU. The tiny image pipeline's weights are 6.4 MB in float32."""
     settings = make_settings(
@@ -103,6 +105,7 @@ def _fake_gpu_app(make_settings, tiny_pipelines, card_mb: float, reserve_ram_mb:
                 "required_vram_mb": 1,
                 "default_steps": 2,
                 "fp8": "off",
+                "preload": preload,
             }
         },
     )
@@ -147,6 +150,29 @@ def test_a_pipeline_larger_than_the_card_runs_at_block_offload_and_learns_that_r
         full = registry.learned.view(registry.model_key("image", "cuda:0"))
         assert full is None or full.samples == 0
         assert len(registry.speeds.samples[blocks.key]) == 1  # the first run loads kernels
+
+
+def test_a_preload_larger_than_the_card_warms_at_the_rung_that_fits(
+    make_settings, tiny_pipelines
+) -> None:
+    """The start-up warm-up walks the same ladder as a request: at full residency the
+    6.4 MB pipeline would not fit the 5 MB card."""
+    app, _ = _fake_gpu_app(make_settings, tiny_pipelines, card_mb=5, preload=True)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert "image warmed in" in client.get("/ready").json()["detail"]
+        registry = client.app.state.pipelines
+        host = registry.host_of("image")
+        assert host.loaded and host.describe().placement == "offload_blocks"
+        decision = client.get("/system/memory").json()["gate"]["last_decisions"][-1]
+        assert decision["rung"] == "offload_blocks" and "warm-up" in decision["reason"]
+        # A warm-up teaches nothing (a first run loads kernels too).
+        key = registry.model_key("image", "cuda:0", "offload_blocks")
+        assert registry.learned.view(key) is None or registry.learned.view(key).samples == 0
+        r = client.post("/generate-image", json=BODY)
+        assert r.status_code == 200, r.text
+        assert r.json()["gate"]["rung"] == "offload_blocks"
+        assert r.json()["timings_ms"]["warmup"] is None and host.loads == 1
 
 
 def test_a_rung_the_model_cannot_take_is_marked_and_skipped(
