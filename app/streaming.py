@@ -15,7 +15,9 @@ class ClosingStreamingResponse(StreamingResponse):
 
     Why not the body iterator's ``finally``: an async generator never started has no
     frame to finalize, and in the task Starlette cancels on a disconnect every await in
-    that ``finally`` is cancelled again. A chat stream's model lease must end anyway.
+    that ``finally`` is cancelled again. A chat stream's model lease must end anyway, and
+    so must a proxied stream's upstream connection (a BackgroundTask does not run when the
+    client leaves).
     """
 
     def __init__(
@@ -23,10 +25,11 @@ class ClosingStreamingResponse(StreamingResponse):
         content: AsyncIterable[bytes],
         *,
         on_close: Callable[[], Awaitable[None]],
+        status_code: int = 200,
         media_type: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+        super().__init__(content, status_code, media_type=media_type, headers=headers)
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

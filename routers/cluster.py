@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
-from starlette.background import BackgroundTask
 
 from app.deps import SettingsDep
 from app.errors import error_body
 from app.schemas import ErrorBody, JobView, Ready, job_view
+from app.streaming import ClosingStreamingResponse
 from routers import health, system
 from routers import jobs as single_host_jobs
 from services.cluster.chat import ROUTED_HEADER, cluster_tiers, loaded_here, route_chat
@@ -127,10 +127,10 @@ async def get_output(name: str, request: Request, settings: SettingsDep) -> Any:
         await upstream.aclose()
         await client.aclose()
 
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         upstream.aiter_raw(),
         media_type=upstream.headers.get("content-type"),
-        background=BackgroundTask(close),
+        on_close=close,
     )
 
 
@@ -279,12 +279,12 @@ async def chat_elsewhere(request: Request, body: dict[str, Any]) -> Any:
 
     keep = {k: v for k, v in upstream.headers.items() if k.lower().startswith("x-edison-")}
     keep["X-Edison-Node"] = route.node
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         upstream.aiter_raw(),
         status_code=upstream.status_code,
         media_type=upstream.headers.get("content-type"),
         headers=keep,
-        background=BackgroundTask(close),
+        on_close=close,
     )
 
 
