@@ -277,6 +277,78 @@ def default_llama_server() -> Path:
 
 
 @dataclass(frozen=True)
+class AutoFacts:
+    """What ``models.backend: auto`` decides on, on a host whose llama-server binary is
+    present. The probes behind them run only where they can change the answer."""
+
+    binary: Path
+    gpu_visible: bool  # NVML counts a GPU (and CUDA_VISIBLE_DEVICES does not hide them)
+    server_gpu: bool | None = None  # the binary's --list-devices names a GPU
+    python_gpu: bool | None = None  # llama-cpp-python was built with GPU offload
+    slots_tier: str | None = None  # a tier that asks for parallel > 1 without a backend
+
+
+def decide_auto_backend(f: AutoFacts) -> tuple[str, str, bool]:
+    """(backend, because, fallback) for ``auto`` given the facts: llama-server (parallel
+    slots) unless, on a GPU host, its build cannot offload while llama-cpp-python's can."""
+    where = f"llama-server binary present at {f.binary}"
+    if not f.gpu_visible:
+        return "llama-server", f"auto: {where} (no GPU visible: CPU either way)", False
+    if f.server_gpu:
+        return "llama-server", f"auto: {where}, offloading to the GPU", False
+    if f.python_gpu and f.slots_tier is None:
+        return (
+            "llama-cpp-python",
+            f"auto: the {where} lists no GPU (a CPU build: rebuild it with CUDA), and "
+            "llama-cpp-python offloads to the GPU",
+            True,
+        )
+    if f.python_gpu:
+        return (
+            "llama-server",
+            f"auto: {where}, CPU only (it lists no GPU); kept for models.{f.slots_tier}."
+            "parallel, which llama-cpp-python cannot serve",
+            False,
+        )
+    return (
+        "llama-server",
+        f"auto: {where}; neither it nor llama-cpp-python offloads to the GPU",
+        False,
+    )
+
+
+def gpus_visible() -> bool:
+    """Whether NVML counts a GPU this process may use (False without NVML)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount() > 0
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no driver, no library: no GPU to offload to
+        return False
+
+
+def python_gpu_offload() -> bool:
+    """Whether llama-cpp-python was built with GPU offload, asked in a child process (a
+    broken CUDA set-up then cannot take Edison down)."""
+    import subprocess
+
+    code = "import llama_cpp; print(bool(llama_cpp.llama_supports_gpu_offload()))"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip().endswith("True")
+
+
+@dataclass(frozen=True)
 class BackendChoice:
     """The worker backend tiers without their own get, and why."""
 
@@ -284,7 +356,7 @@ class BackendChoice:
     backend: str  # what it means here
     because: str
     key: tuple[Any, ...] = field(default=(), repr=False)  # the settings it was decided on
-    fallback: bool = False  # auto fell back to llama-cpp-python: no llama-server binary
+    fallback: bool = False  # auto fell back to llama-cpp-python (no binary, or a CPU build)
 
 
 class ModelsSettings(_Section):
@@ -312,8 +384,9 @@ class ModelsSettings(_Section):
         description="Worker process of every tier: `llama-server` (llama.cpp's C++ server: "
         "parallel slots, continuous batching), `llama-cpp-python` (python -m "
         "llama_cpp.server, one request at a time), or `auto`: llama-server where its binary "
-        "is present, else llama-cpp-python (logged, and shown in /system/memory). Per tier: "
-        "models.<tier>.backend.",
+        "is present, else llama-cpp-python; on a GPU host, llama-cpp-python when the "
+        "llama-server build lists no GPU and llama-cpp-python's offloads (logged, and shown "
+        "in /system/memory). Per tier: models.<tier>.backend.",
     )
     llama_server_binary: Path | None = Field(
         None,
@@ -360,13 +433,28 @@ class ModelsSettings(_Section):
         else:
             binary = self.llama_server_binary or default_llama_server()
             if binary.is_file() and os.access(binary, os.X_OK):
-                why = f"auto: llama-server binary present at {binary}"
-                choice = BackendChoice("auto", "llama-server", why, key)
+                backend, why, fallback = decide_auto_backend(self._auto_facts(binary))
+                choice = BackendChoice("auto", backend, why, key, fallback=fallback)
             else:
                 why = f"auto: no llama-server binary at {binary} (build it with `make install`)"
                 choice = BackendChoice("auto", "llama-cpp-python", why, key, fallback=True)
         self._choice = choice
         return choice
+
+    def _auto_facts(self, binary: Path) -> AutoFacts:
+        """The facts ``auto`` needs, probing only what can change the answer: on a host
+        without a GPU, nothing beyond NVML's count."""
+        if not gpus_visible():
+            return AutoFacts(binary, gpu_visible=False)
+        from services.llm.backend_llama_server import inspect_binary
+
+        if inspect_binary(binary).gpu_offload:
+            return AutoFacts(binary, gpu_visible=True, server_gpu=True)
+        slots = next(
+            (n for n, t in self.tiers().items() if t.backend is None and (t.parallel or 1) > 1),
+            None,
+        )
+        return AutoFacts(binary, True, False, python_gpu_offload(), slots)
 
     def backend_of(self, tier: TierSettings) -> str:
         """The worker backend a tier runs on: its own, else models.backend (``auto``

@@ -43,7 +43,7 @@ async def test_an_upstream_that_never_answers_is_closed_when_the_client_leaves()
         yield b""
 
     async def close() -> None:
-        await anyio.sleep(0)  # an await in the close: it must not be cancelled again
+        await anyio.sleep(0.01)  # an await in the close: it must not be cancelled again
         closed.append(True)
 
     response = ClosingStreamingResponse(upstream(), on_close=close, status_code=202)
