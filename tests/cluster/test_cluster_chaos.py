@@ -19,6 +19,8 @@ from tests.cluster.conftest import Cluster, Node, make_cluster
 from tests.cluster.test_cluster_jobs import job, post, wait_status
 from tests.helpers import wait_until
 
+pytestmark = pytest.mark.slow  # kill -9 and SIGSTOP past the heartbeat timeout
+
 
 @pytest.fixture(scope="module")
 def group(

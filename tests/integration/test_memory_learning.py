@@ -38,6 +38,7 @@ def learn_settings(make_settings, tiny_pipelines):
     return build
 
 
+@pytest.mark.slow
 def test_three_measured_sizes_predict_a_fourth(tiny_pipelines, tmp_path) -> None:
     """In a fresh process (the resident high-water mark is process-wide, and this test
     process has run others): three sizes learned, the fourth predicted from them."""
