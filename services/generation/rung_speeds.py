@@ -105,7 +105,13 @@ class RungSpeeds:
 
 def unsupported_key(folder: str) -> str:
     """A folder's marks hold under one diffusers version: hooks change between releases."""
-    return f"{Path(folder).expanduser().resolve()}|diffusers {_diffusers_release()}"
+    return f"{_resolved(folder)}|diffusers {_diffusers_release()}"
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(folder: str) -> Path:
+    # Read on every prediction: resolve a folder's path once, not per request.
+    return Path(folder).expanduser().resolve()
 
 
 @functools.cache
