@@ -1,6 +1,6 @@
 """`make cluster-demo`: a private PostgreSQL in var/cluster (Debian's package) and two Edison
 nodes on 127.0.0.1:8001 and :8002 serving config/demo.yaml with a `cluster` section.
-Ctrl-C stops both nodes and the database."""
+Ctrl-C (or SIGTERM) stops both nodes and the database."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ from services.cluster.localdb import LocalPostgres  # noqa: E402
 PORTS = {"node-a": 8001, "node-b": 8002}
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Ctrl-C, and a `kill` (SIGTERM) or an inherited ignored SIGINT, all stop everything.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     var = ROOT / "var" / "cluster"
     pg = LocalPostgres(var / "postgres", 55432)
     pg.start()
