@@ -318,18 +318,25 @@ def decide_auto_backend(f: AutoFacts) -> tuple[str, str, bool]:
 
 
 def gpus_visible() -> bool:
-    """Whether NVML counts a GPU this process may use (False without NVML)."""
+    """Whether NVML counts a GPU this process may use (False without NVML, or when the
+    driver does not answer within 5 s: through the probe's bounded executor, as every
+    driver call here)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    try:
+    from services.memory.probe import ProbeCalls, ProbeStepFailed
+
+    def count() -> int:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return pynvml.nvmlDeviceGetCount() > 0
+            return int(pynvml.nvmlDeviceGetCount())
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no library: no GPU to offload to
+
+    try:
+        return ProbeCalls(max_threads=1).call(count, 5.0, "NVML device count") > 0
+    except ProbeStepFailed:  # no driver, no library, or a hung call: no GPU to offload to
         return False
 
 
